@@ -1,0 +1,232 @@
+"""The run spec: one YAML file (+ ``key.sub=value`` overrides) -> a validated, typed ``RunSpec``.
+
+Each section is a typed config; the components' ``build()`` turns them into live objects. Paths are
+made absolute at load time and a mixture file is inlined, so the resolved spec saved with every
+checkpoint is self-contained (a Slurm or Ray job reads exactly what the user validated).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from midtrain.config_io import (
+    AbsPath,
+    StrictModel,
+    apply_overrides,
+    dump_yaml,
+    load_yaml_mapping,
+    validate,
+)
+from midtrain.data_mixing.mixture import MixtureConfig
+from midtrain.errors import ConfigError
+from midtrain.training.schedule import ScheduleConfig
+
+
+class LlamaShape(StrictModel):
+    """A Llama-family decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
+
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(default=None, gt=0, description="default: num_heads")
+    ffn_hidden_size: int = Field(gt=0)
+    vocab_size: int | None = Field(default=None, gt=0, description="default: the tokenizer's size")
+    max_position_embeddings: int | None = Field(
+        default=None, gt=0, description="default: seq_length"
+    )
+    rope_theta: float = Field(default=10000.0, gt=0)
+    rms_norm_eps: float = Field(default=1e-5, gt=0)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> LlamaShape:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})"
+            )
+        return self
+
+
+class ModelConfig(StrictModel):
+    tokenizer: AbsPath | None = Field(default=None, description="tokenizer directory")
+    config: LlamaShape | None = Field(default=None, description="build a new model of this shape")
+    from_checkpoint: AbsPath | None = Field(
+        default=None, description="a midtrain checkpoint or HF model directory: shape and weights"
+    )
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.config is not None and self.from_checkpoint is not None:
+            raise ValueError("give either model.config or model.from_checkpoint, not both")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required with model.config")
+        return self
+
+
+class InitFromConfig(StrictModel):
+    """Start a *new* run from a checkpoint's weights (and optionally its optimizer moments)."""
+
+    checkpoint: AbsPath
+    load_optimizer: bool = False
+
+
+class OptimizerConfig(StrictModel):
+    lr: float = Field(gt=0, description="peak learning rate")
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must be in [0, 1), got {value}")
+        return value
+
+
+class TrainConfig(StrictModel):
+    global_batch_size: int = Field(gt=0, description="sequences per optimizer step, all workers")
+    micro_batch_size: int = Field(gt=0, description="sequences per forward pass on one worker")
+    max_steps: int = Field(gt=0)
+    seed: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = Field(default=1, ge=0, le=3)
+    log_interval: int = Field(default=1, gt=0)
+    tensorboard: bool = False
+    deterministic: bool = Field(default=True, description="deterministic kernels (exact resume)")
+
+
+class CheckpointConfig(StrictModel):
+    interval: int | None = Field(
+        default=None, gt=0, description="save every N steps (and at the end)"
+    )
+    keep_last: int = Field(default=3, gt=0)
+    keep_every: int | None = Field(default=None, gt=0, description="mark every Nth step `keep`")
+    async_save: bool = True
+
+
+class LaunchConfig(StrictModel):
+    ray_address: str | None = Field(
+        default=None, description="existing Ray cluster; default: local"
+    )
+    max_failures: int = Field(default=0, ge=-1, description="worker restarts (-1: unlimited)")
+    cpus_per_worker: int = Field(default=1, gt=0)
+    use_gpu: bool | None = Field(default=None, description="default: when CUDA is available")
+
+
+class RunSpec(StrictModel):
+    run_dir: AbsPath
+    model: ModelConfig
+    init_from: InitFromConfig | None = None
+    resume: bool = False
+    mixture: MixtureConfig
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    workers: int = Field(default=1, gt=0, description="data-parallel workers")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSpec:
+        if self.init_from is not None and self.resume:
+            raise ValueError(
+                "init_from starts a new run and resume continues one: give one of them, not both"
+            )
+        no_model = self.model.config is None and self.model.from_checkpoint is None
+        if no_model and self.init_from is None:
+            raise ValueError(
+                "model: give model.config (a new model), model.from_checkpoint, or init_from"
+            )
+        t = self.train
+        per_step = t.micro_batch_size * self.workers
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x workers ({t.micro_batch_size} x {self.workers})"
+            )
+        if problem := self.schedule.steps_error(t.max_steps):
+            raise ValueError(problem)
+        run_tokens = t.max_steps * t.global_batch_size * self.mixture.seq_length
+        if self.mixture.tokens is not None and self.mixture.tokens != run_tokens:
+            raise ValueError(
+                f"mixture.tokens ({self.mixture.tokens}) disagrees with train.max_steps x "
+                f"train.global_batch_size x seq_length ({run_tokens}); leave mixture.tokens out"
+            )
+        return self
+
+    @property
+    def total_sequences(self) -> int:
+        return self.train.max_steps * self.train.global_batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.workers)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+
+# Keys whose change makes a resumed run diverge from the uninterrupted one.
+EXACTNESS_KEYS = ("mixture", "model", "train.global_batch_size", "train.seed", "optimizer")
+
+
+def _inline_mixture(data: dict[str, Any], source: str) -> None:
+    mixture = data.get("mixture")
+    if isinstance(mixture, str):
+        path = Path(mixture).expanduser()
+        if not path.is_absolute():
+            # A mixture file named in a run spec is found next to the run spec first.
+            beside = Path(source).parent / path
+            path = beside if beside.exists() else path
+        data["mixture"] = load_yaml_mapping(path)
+
+
+def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
+    """Read a run spec, apply ``key.sub=value`` overrides, inline the mixture, validate."""
+    data = load_yaml_mapping(path)
+    _inline_mixture(data, str(path))
+    apply_overrides(data, overrides or [])
+    return validate(RunSpec, data, str(path))
+
+
+def run_spec_from_yaml(text: str, source: str) -> RunSpec:
+    """Parse a saved (resolved) run spec, e.g. the one inside a checkpoint."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    return validate(RunSpec, data, source)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def diff_specs(old: RunSpec, new: RunSpec) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every leaf that differs."""
+    a, b = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def breaks_exactness(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in EXACTNESS_KEYS)

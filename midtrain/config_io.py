@@ -1,0 +1,136 @@
+"""Generic config plumbing: YAML files + dotted overrides -> validated pydantic models.
+
+Every config in midtrain is a pydantic model with ``extra="forbid"``; this module turns pydantic's
+errors into one message per problem that names the file and the dotted key path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from midtrain.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _absolute(path: str) -> str:
+    # Resolved once, at load time, so a job that runs elsewhere (Slurm, Ray) reads the same files.
+    return os.path.abspath(os.path.expanduser(path))
+
+
+AbsPath = Annotated[str, AfterValidator(_absolute)]
+"""A filesystem path, made absolute against the current directory when the config is loaded."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file whose top level must be a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value); the value is parsed as YAML (``1e-3``, ``[1,2]``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a nested mapping (in place) and return it.
+
+    A numeric part indexes a list: ``mixture.sources.0.weight=0.5``.
+    """
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path):
+            where = ".".join(path[: i + 1])
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: {where} is not an item of the list")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:i])} is not a section")
+    return data
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        if "input" in err and err["type"] not in ("missing", "extra_forbidden"):
+            shown = repr(err["input"])
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            msg = f"{msg} (got {shown})"
+        lines.append(f"{source}: {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: Any, source: str) -> M:
+    """Validate ``data`` as ``model``; errors name ``source`` and each key path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
+    """Load a YAML file as ``model`` after applying dotted overrides."""
+    data = apply_overrides(load_yaml_mapping(path), overrides or [])
+    return validate(model, data, str(path))
+
+
+def dump_yaml(model: BaseModel) -> str:
+    """The resolved form of a config, as YAML that ``load_config`` reads back to an equal model."""
+    return yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,75 @@
+"""Terminal output: one rich console, progress bars and summary tables, quiet by default."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+# Progress and tables go to stderr so that --json output on stdout stays machine-readable.
+console = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("MIDTRAIN_NO_PROGRESS", "") == "" and console.is_terminal
+
+
+def make_progress(transient: bool = False) -> Progress:
+    """A progress bar that degrades to nothing when stderr is not a terminal (CI logs stay short)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[extra]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+        disable=not progress_enabled(),
+    )
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    t = Table(title=title, title_justify="left", show_edge=False)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        t.add_row(*(fmt(v) for v in row))
+    return t
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def print_table(t: Table) -> None:
+    console.print(t)
+
+
+def info(message: str) -> None:
+    console.print(message)
+
+
+def error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)

@@ -1,0 +1,65 @@
+"""``PREFIX.stats.json``: what ``data prepare`` wrote under a prefix, read back and checked.
+
+The stats file is the contract between preparing a corpus and mixing it: token counts for the plan,
+the tokenizer fingerprint that proves all sources of a mixture share one tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from midtrain.errors import DataError
+from midtrain.fileio import atomic_write_json
+
+STATS_FORMAT = "midtrain.prepared/1"
+REQUIRED_KEYS = (
+    "format",
+    "documents",
+    "tokens",
+    "holdout_documents",
+    "holdout_tokens",
+    "rejected",
+    "tokenizer",
+    "inputs",
+)
+
+
+def stats_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.stats.json")
+
+
+def holdout_prefix(prefix: str | Path) -> str:
+    return f"{prefix}.holdout"
+
+
+def write_stats(prefix: str | Path, stats: dict[str, Any]) -> None:
+    atomic_write_json(stats_path(prefix), {"format": STATS_FORMAT, **stats})
+
+
+def load_stats(prefix: str | Path) -> dict[str, Any]:
+    """Read and check ``PREFIX.stats.json``; also checks that ``PREFIX.bin/.idx`` exist."""
+    path = stats_path(prefix)
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise DataError(
+                f"{prefix}{suffix}: no such file (prepare the corpus with `midtrain data prepare`)"
+            )
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (prepare the corpus with `midtrain data prepare`)")
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in stats]
+    if missing:
+        raise DataError(f"{path}: missing keys {', '.join(missing)}")
+    if stats["format"] != STATS_FORMAT:
+        raise DataError(f"{path}: unknown format {stats['format']!r} (expected {STATS_FORMAT!r})")
+    tok = stats["tokenizer"]
+    if not isinstance(tok, dict) or "fingerprint" not in tok or "eod_id" not in tok:
+        raise DataError(f"{path}: tokenizer must hold at least 'fingerprint' and 'eod_id'")
+    return stats

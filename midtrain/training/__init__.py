@@ -1,0 +1,1 @@
+"""Training: model build, optimizer and learning-rate schedules, train loop, metrics."""
