@@ -1,0 +1,278 @@
+"""Mixture spec validation, the interleaving schedule, and `mix plan` (numbers and checks)."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mixture_data import make_prefix, write_yaml
+
+from midtrain.data_mixing.interleave import Interleaver, exact_weights
+from midtrain.data_mixing.mixture import MixtureConfig, load_mixture
+from midtrain.data_mixing.plan import plan_mixture
+from midtrain.errors import ConfigError, DataError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mixture.yaml"
+
+
+def source(name: str, path: str, weight: float = 1.0, **extra: object) -> dict:
+    return {"name": name, "kind": "customer", "path": [path], "weight": weight, **extra}
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def _load_error(tmp_path: Path, data: dict) -> str:
+    path = write_yaml(tmp_path / "mix.yaml", data)
+    with pytest.raises(ConfigError) as err:
+        load_mixture(path)
+    return str(err.value)
+
+
+def test_non_positive_weight_is_rejected(tmp_path: Path) -> None:
+    msg = _load_error(tmp_path, {"seq_length": 8, "sources": [source("a", "x", weight=0)]})
+    assert "mix.yaml" in msg and "sources.0.weight" in msg and "greater than 0" in msg
+
+
+def test_non_positive_stage_weight_is_rejected(tmp_path: Path) -> None:
+    data = {
+        "seq_length": 8,
+        "sources": [source("a", "x")],
+        "stages": [{"until": 1.0, "weights": {"a": -1}}],
+    }
+    msg = _load_error(tmp_path, data)
+    assert "stages.0.weights" in msg and "'a' must be positive" in msg
+
+
+def test_unknown_stage_source_is_rejected(tmp_path: Path) -> None:
+    data = {
+        "seq_length": 8,
+        "sources": [source("a", "x"), source("b", "y")],
+        "stages": [{"until": 1.0, "weights": {"a": 1, "b": 1, "c": 1}}],
+    }
+    assert "stages[0].weights: unknown source c" in _load_error(tmp_path, data)
+
+
+def test_until_must_increase_and_end_at_one(tmp_path: Path) -> None:
+    base = {"seq_length": 8, "sources": [source("a", "x")]}
+    msg = _load_error(tmp_path, {**base, "stages": [{"until": 0.5}, {"until": 0.5}]})
+    assert "stages[1].until must increase" in msg
+    msg = _load_error(tmp_path, {**base, "stages": [{"until": 0.5}]})
+    assert "the last stage must end at until: 1.0" in msg
+
+
+def test_unknown_key_names_its_path(tmp_path: Path) -> None:
+    data = {"seq_length": 8, "sources": [{**source("a", "x"), "wieght": 2}]}
+    assert "mix.yaml: sources.0.wieght: unknown key" in _load_error(tmp_path, data)
+
+
+# --- the interleaving schedule --------------------------------------------------------------------
+
+
+def _schedule(weights: list[Fraction], n: int) -> np.ndarray:
+    picks: list[int] = []
+    Interleaver(weights).advance([0] * len(weights), n, picks)
+    return np.array(picks)
+
+
+WEIGHT = st.one_of(
+    st.integers(1, 100).map(float),  # small periods
+    st.integers(1, 999).map(lambda x: x / 1000),  # decimals as users write them
+    st.floats(1e-3, 1e3),  # any float: periods of 10**17 and more
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=st.lists(WEIGHT, min_size=2, max_size=8), n=st.integers(1000, 20_000))
+def test_every_prefix_is_within_one_sequence_of_its_share(raw: list[float], n: int) -> None:
+    weights = exact_weights(raw)
+    picks = _schedule(weights, n)
+    # count_s(m) for every prefix length m = 1..n, as exact integers: |c*D - a*m| < D.
+    counts = np.cumsum(picks[:, None] == np.arange(len(raw))[None, :], axis=0)
+    interleaver = Interleaver(weights)
+    period, shares = interleaver.period, np.array(interleaver.shares, dtype=object)
+    m = np.arange(1, n + 1, dtype=object)[:, None]
+    lag = counts.astype(object) * period - shares[None, :] * m
+    assert max(abs(x) for x in lag.ravel()) < period
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw=st.lists(st.integers(1, 30), min_size=2, max_size=6), n=st.integers(0, 3000))
+def test_counts_at_jumps_whole_periods_exactly(raw: list[int], n: int) -> None:
+    weights = exact_weights([float(r) for r in raw])
+    picks = _schedule(weights, n)
+    stepped = [int((picks == s).sum()) for s in range(len(raw))]
+    assert Interleaver(weights).counts_at(n) == stepped
+    # Resuming the schedule from a prefix's counts continues it exactly.
+    half = n // 2
+    counts = Interleaver(weights).counts_at(half)
+    rest: list[int] = []
+    Interleaver(weights).advance(counts, n - half, rest)
+    assert rest == picks[half:].tolist()
+
+
+def test_eight_sources_never_lag_a_whole_sequence() -> None:
+    weights = exact_weights([0.37, 0.21, 0.13, 0.11, 0.07, 0.05, 0.04, 0.02])
+    picks = _schedule(weights, 20_000)
+    counts = np.zeros(len(weights))
+    worst = 0.0
+    for m, s in enumerate(picks, start=1):
+        counts[s] += 1
+        worst = max(worst, float(np.abs(counts - np.array(weights, dtype=float) * m).max()))
+    assert worst < 1.0
+
+
+def test_schedule_of_the_documented_weights_worked_by_hand() -> None:
+    # 0.6/0.1/0.3: contracts' windows [0,2) [1,4) [3,5) [5,7) [6,9) [8,10), filings' [0,10), web's
+    # [0,4) [3,7) [6,10). Slot 1 ties contracts and web at deadline 4 and slot 7 filings and web at
+    # 10: the first source in the mixture wins.
+    assert (
+        _schedule(exact_weights([0.6, 0.1, 0.3]), 20).tolist() == [0, 0, 2, 0, 2, 0, 0, 1, 0, 2] * 2
+    )
+
+
+def test_exact_weights_are_the_decimals_written() -> None:
+    assert exact_weights([0.6, 0.1, 0.3]) == [Fraction(3, 5), Fraction(1, 10), Fraction(3, 10)]
+    assert exact_weights([2, 1, 1]) == [Fraction(1, 2), Fraction(1, 4), Fraction(1, 4)]
+    assert Interleaver(exact_weights([0.6, 0.1, 0.3])).shares == [6, 1, 3]
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+def _example_data(root: Path, tokens: dict[str, int] | None = None) -> None:
+    """The documented example's prefixes under root/data; stats may claim large token counts
+    (planning reads only the stats)."""
+    rng = np.random.default_rng(0)
+    for name in ("contracts", "filings_a", "filings_b", "web"):
+        docs = [np.append(rng.integers(1, 500, 1999), 0) for _ in range(40)]
+        make_prefix(root / "data" / name, docs, stats_tokens=(tokens or {}).get(name))
+
+
+def test_documented_example_validates_and_plans(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _example_data(tmp_path)
+    cfg = load_mixture(EXAMPLE, ["tokens=409600"])  # 200 sequences of 2048
+    assert [s.name for s in cfg.sources] == ["contracts", "filings", "web"]
+    assert cfg.sources[1].path == [
+        str(tmp_path / "data/filings_a"),
+        str(tmp_path / "data/filings_b"),
+    ]
+    plan = plan_mixture(cfg)
+    out = plan.to_json()
+    json.dumps(out)  # JSON-able
+    assert set(out) == {"stages", "totals"}
+    assert [s["until"] for s in out["stages"]] == [0.9, 1.0]
+    for stage in out["stages"]:
+        assert set(stage) == {"until", "sources"}
+        assert list(stage["sources"]) == ["contracts", "filings", "web"]
+        for draw in stage["sources"].values():
+            assert isinstance(draw["tokens"], int) and isinstance(draw["epochs"], float)
+            assert draw["tokens"] == draw["sequences"] * 2048
+            assert draw["epochs"] == pytest.approx(draw["tokens"] / draw["available"])
+    first, second = out["stages"]
+    # 180 sequences at 6:1:3, then 20 at 4:1:5: whole periods of 10, exactly.
+    assert {k: v["sequences"] for k, v in first["sources"].items()} == {
+        "contracts": 108,
+        "filings": 18,
+        "web": 54,
+    }
+    assert {k: v["sequences"] for k, v in second["sources"].items()} == {
+        "contracts": 8,
+        "filings": 2,
+        "web": 10,
+    }
+    assert first["sources"]["filings"]["available"] == 160_000  # both prefixes
+    assert out["totals"]["sources"]["contracts"]["tokens"] == 116 * 2048
+    assert out["totals"]["sources"]["contracts"]["epochs"] == pytest.approx(116 * 2048 / 80_000)
+    assert out["totals"]["tokens"] == 409_600
+    plan.print()
+    printed = capsys.readouterr().err
+    assert "stage 1 of 2" in printed and "whole run" in printed and "contracts" in printed
+
+
+def test_documented_example_at_full_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    big = {"contracts": 500_000_000, "filings_a": 300_000_000, "filings_b": 300_000_000}
+    _example_data(tmp_path, {**big, "web": 10**11})
+    plan = plan_mixture(load_mixture(EXAMPLE))
+    assert plan.total_sequences == 976_562  # 2e9 // 2048
+    first, second = plan.stages
+    assert (first.start, first.end, second.end) == (0, 878_906, 976_562)
+    for stage in plan.stages:
+        counts = [d.sequences for d in stage.sources]
+        assert sum(counts) == stage.sequences
+        for d in stage.sources:
+            assert abs(d.sequences - d.weight * stage.sequences) < 1
+    contracts = plan.to_json()["totals"]["sources"]["contracts"]
+    assert contracts["epochs"] == pytest.approx(contracts["tokens"] / 500_000_000)
+    assert contracts["epochs"] < 4
+
+
+def test_max_epochs_violation_says_by_how_much_and_what_to_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _example_data(tmp_path)
+    cfg = load_mixture(EXAMPLE, ["tokens=409600"])
+    cfg.sources[0].max_epochs = 1.0  # contracts draws 116 x 2048 of 80,000 tokens: 2.97 epochs
+    with pytest.raises(ConfigError) as err:
+        plan_mixture(cfg)
+    msg = str(err.value)
+    assert str(EXAMPLE) in msg and "'contracts'" in msg
+    assert "2.970 epochs" in msg and "max_epochs 1 by 1.970 epochs" in msg
+    assert "lower its weight" in msg and "raise max_epochs to 2.97" in msg
+    assert "add at least 157,568 tokens" in msg  # 237,568 / 1 - 80,000
+
+
+def _two_sources(tmp_path: Path, fp_b: str = "tok-A", b_tokens: int = 100) -> MixtureConfig:
+    make_prefix(tmp_path / "a", [list(range(1, 100)) + [0]])
+    make_prefix(tmp_path / "b", [list(range(1, b_tokens)) + [0]], fingerprint=fp_b)
+    path = write_yaml(
+        tmp_path / "mix.yaml",
+        {
+            "seq_length": 8,
+            "tokens": 80,
+            "sources": [source("a", str(tmp_path / "a")), source("b", str(tmp_path / "b"))],
+        },
+    )
+    return load_mixture(path)
+
+
+def test_missing_prefix_names_file_source_and_path(tmp_path: Path) -> None:
+    cfg = _two_sources(tmp_path)
+    cfg.sources[1].path = [str(tmp_path / "nowhere")]
+    with pytest.raises(DataError) as err:
+        plan_mixture(cfg)
+    msg = str(err.value)
+    assert "mix.yaml" in msg and "source 'b'" in msg and "nowhere.bin: no such file" in msg
+
+
+def test_tokenizer_mismatch_names_both_sources_and_fingerprints(tmp_path: Path) -> None:
+    cfg = _two_sources(tmp_path, fp_b="tok-B")
+    with pytest.raises(DataError) as err:
+        plan_mixture(cfg)
+    msg = str(err.value)
+    assert "sources 'a' and 'b'" in msg and "tok-A" in msg and "tok-B" in msg
+
+
+def test_source_smaller_than_one_sequence(tmp_path: Path) -> None:
+    cfg = _two_sources(tmp_path, b_tokens=8)  # 8 tokens < seq_length + 1
+    with pytest.raises(DataError, match="source 'b' has 8 tokens, fewer than one sequence"):
+        plan_mixture(cfg)
+
+
+def test_run_length_comes_from_tokens_or_total_sequences(tmp_path: Path) -> None:
+    cfg = _two_sources(tmp_path)
+    assert plan_mixture(cfg).total_sequences == 10
+    assert plan_mixture(cfg, total_sequences=7).total_sequences == 7
+    cfg.tokens = None
+    with pytest.raises(ConfigError, match="length of the run is unknown"):
+        plan_mixture(cfg)
