@@ -1,0 +1,485 @@
+"""Checkpoints: format, save/load, async saves, retention, catalog, HF import/export (CPU, real files)."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from midtrain.checkpoints import (
+    CheckpointMeta,
+    CheckpointSaver,
+    capture_rng_state,
+    describe_checkpoint,
+    export_hf,
+    import_hf,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    mark_keep,
+    print_table,
+    prune,
+    resolve_checkpoint,
+    restore_rng_state,
+    show_checkpoint,
+    to_json,
+    verify_checkpoint,
+)
+from midtrain.errors import CheckpointError
+from midtrain.fileio import sha256_file
+
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=176,
+    vocab_size=512,
+)
+
+
+def tiny_llama(tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=tie)).eval()
+
+
+def tiny_tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "the", "court", "held", "that"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(path)
+    return path
+
+
+def opt_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        out[f"{name}/exp_avg"] = torch.full_like(p, 0.5)
+        out[f"{name}/exp_avg_sq"] = p.detach() ** 2
+        out[f"{name}/master"] = p.detach().clone()
+    return out
+
+
+def save(saver: CheckpointSaver, model: torch.nn.Module, step: int, **kw) -> Path:
+    meta = CheckpointMeta(
+        step=step,
+        tokens=step * 1000,
+        lr=3e-4,
+        phase=kw.pop("phase", "stable"),
+        loss=2.0 + 1 / (step + 1),
+        keep=kw.pop("keep", False),
+    )
+    kw.setdefault("trainer_state", {"step": step, "sampler": {"epoch": 0, "offset": step}})
+    return saver.save(meta, model_state=model.state_dict(), config=model.config, **kw)
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(40).reshape(2, 20) % 512
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# --- format -------------------------------------------------------------------------------------
+
+
+def test_checkpoint_dir_is_hf_loadable_and_lists_every_file(tmp_path: Path) -> None:
+    model = tiny_llama()
+    tok = tiny_tokenizer(tmp_path / "tok")
+    saver = CheckpointSaver(tmp_path / "run", tokenizer_dir=tok, log=None)
+    path = save(saver, model, 20, run_spec="run_dir: /x\n", optimizer_state=opt_state(model))
+    saver.close()
+
+    assert path == tmp_path / "run" / "checkpoints" / "step_00000020"
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000020"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert (manifest["step"], manifest["tokens"], manifest["phase"]) == (20, 20000, "stable")
+    assert manifest["lr"] == pytest.approx(3e-4) and manifest["parent"] is None
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert on_disk - {"manifest.json"} == set(manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert sha256_file(path / name) == entry["sha256"]
+        assert (path / name).stat().st_size == entry["size"]
+    assert {"tokenizer.json", "model.safetensors", "run_spec.yaml"} <= set(manifest["files"])
+    assert not list(path.glob(".done-*"))
+
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert torch.equal(logits(hf), logits(model))
+    assert AutoTokenizer.from_pretrained(path)("the court held")["input_ids"] == [2, 3, 4]
+
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.path == path and ckpt.step == 20 and ckpt.run_spec == "run_dir: /x\n"
+    assert ckpt.trainer_state["sampler"] == {"epoch": 0, "offset": 20}
+    sd = ckpt.model_state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    assert ckpt.optimizer_tensors(["model.norm.weight/master"])["model.norm.weight/master"].equal(
+        model.model.norm.weight.detach()
+    )
+    assert len(ckpt.optimizer_keys()) == 3 * len(list(model.parameters()))
+
+
+def test_tokenizer_from_a_checkpoint_that_retention_deletes(tmp_path: Path) -> None:
+    # A resumed run takes its tokenizer from its start checkpoint, which retention later deletes.
+    model = tiny_llama()
+    run = tmp_path / "run"
+    with CheckpointSaver(run, keep_last=1, tokenizer_dir=tiny_tokenizer(tmp_path / "tok")) as s:
+        start = save(s, model, 1)
+    with CheckpointSaver(run, keep_last=1, tokenizer_dir=start, log=None) as saver:
+        save(saver, model, 2)
+        assert not start.exists()
+        last = save(saver, model, 3)
+    assert verify_checkpoint(last) == [] and (last / "tokenizer.json").is_file()
+
+
+def test_tied_embeddings_saved_once_and_restored(tmp_path: Path) -> None:
+    model = tiny_llama(tie=True)
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        path = save(saver, model, 1)
+    assert "lm_head.weight" not in load_file(path / "model.safetensors")
+    sd = load_checkpoint(path).model_state_dict()
+    fresh = LlamaForCausalLM(model.config).eval()
+    fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(logits(fresh), logits(model))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path)), logits(model))
+
+
+def test_sharded_weights_use_hf_index(tmp_path: Path) -> None:
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "run", max_shard_bytes=200_000, log=None) as saver:
+        path = save(saver, model, 3)
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model.state_dict())
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path)), logits(model))
+    assert torch.equal(logits(load_model(path)), logits(model))
+
+
+def test_rng_and_trainer_state_are_json(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    rng = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        save(saver, model, 1, trainer_state={"rng": rng, "loss": float("nan"), "t": (1, 2)})
+        with pytest.raises(TypeError, match=r"trainer_state\.bad"):
+            save(saver, model, 2, trainer_state={"bad": torch.ones(2)})
+    assert not (tmp_path / "run/checkpoints/.staging-step_00000002").exists()
+    state = load_checkpoint(tmp_path / "run").trainer_state
+    assert state["t"] == [1, 2] and state["loss"] != state["loss"]  # NaN survives
+    random.random(), np.random.rand(), torch.rand(3)  # move every generator on
+    restore_rng_state(state["rng"])
+    assert random.random() == expected[0] and np.random.rand() == expected[1]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+# --- async saves --------------------------------------------------------------------------------
+
+
+def test_async_save_snapshots_before_returning(tmp_path: Path) -> None:
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = opt_state(model)
+    opt_before = {k: v.clone() for k, v in opt.items()}
+    saver = CheckpointSaver(tmp_path / "run", log=None)
+    path = save(saver, model, 5, optimizer_state=opt, blocking=False)
+    with torch.no_grad():  # training goes on and changes everything in place
+        for p in model.parameters():
+            p.add_(1.0)
+        for t in opt.values():
+            t.mul_(-1)
+    assert saver.wait() == path
+    ckpt = load_checkpoint(path)
+    sd = ckpt.model_state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in before.items())
+    assert all(torch.equal(ckpt.optimizer_tensors()[k], v) for k, v in opt_before.items())
+    saver.close()
+
+
+def test_background_error_surfaces_and_leaves_nothing(tmp_path: Path) -> None:
+    model = tiny_llama()
+    saver = CheckpointSaver(tmp_path / "run", log=None)
+    save(saver, model, 1)
+
+    def broken(_n: int) -> None:
+        raise RuntimeError("disk went away")
+
+    save(saver, model, 2, blocking=False, progress=broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        saver.wait()
+    saver.wait()  # reported once, then cleared
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert names == ["latest", "step_00000001"]
+    assert resolve_checkpoint(tmp_path / "run").name == "step_00000001"
+    save(saver, model, 2, blocking=False, progress=broken)
+    with pytest.raises(RuntimeError, match="disk went away"):  # also raised by the next save
+        save(saver, model, 3)
+    saver.close()
+
+
+def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
+    model = tiny_llama()
+    release = threading.Event()
+    saver = CheckpointSaver(tmp_path / "run", log=None)
+    save(saver, model, 1, blocking=False, progress=lambda _n: release.wait())
+    second_called = threading.Event()
+
+    def second() -> None:
+        second_called.set()
+        save(saver, model, 2, blocking=False)
+
+    t = threading.Thread(target=second)
+    t.start()
+    second_called.wait()
+    time.sleep(0.3)  # room for a wrong implementation to start the second save
+    assert not (tmp_path / "run/checkpoints/.staging-step_00000002").exists()
+    assert (tmp_path / "run/checkpoints/.staging-step_00000001").exists()
+    release.set()
+    t.join()
+    saver.close()
+    assert [i.step for i in list_checkpoints(tmp_path / "run", verify=True) if i.complete] == [1, 2]
+
+
+# --- retention ----------------------------------------------------------------------------------
+
+
+def test_retention_keeps_newest_and_marked(tmp_path: Path) -> None:
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "run", keep_last=2, log=None) as saver:
+        for step in range(1, 7):
+            save(saver, model, step, keep=step == 2)
+    steps = [i.step for i in list_checkpoints(tmp_path / "run")]
+    assert steps == [2, 5, 6]
+    mark_keep(tmp_path / "run/checkpoints/step_00000005")
+    assert verify_checkpoint(tmp_path / "run/checkpoints/step_00000005") == []
+    assert [p.name for p in prune(tmp_path / "run", keep_last=1, dry_run=True)] == []
+    mark_keep(tmp_path / "run/checkpoints/step_00000002", keep=False)
+    assert [p.name for p in prune(tmp_path / "run", keep_last=1)] == ["step_00000002"]
+    assert [i.step for i in list_checkpoints(tmp_path / "run")] == [5, 6]
+
+
+def test_retention_with_async_saves_spares_latest_and_inflight(tmp_path: Path) -> None:
+    model = tiny_llama()
+    run = tmp_path / "run"
+    saver = CheckpointSaver(run, keep_last=1, log=None)
+    for step in (1, 2, 3):
+        save(saver, model, step, blocking=False)
+        saver.wait()
+        assert resolve_checkpoint(run).name == f"step_{step:08d}"
+        assert latest_checkpoint(run) == run / f"checkpoints/step_{step:08d}"
+        assert [i.step for i in list_checkpoints(run)] == [step]
+    release, started = threading.Event(), threading.Event()
+
+    def hold(_n: int) -> None:
+        started.set()
+        release.wait()
+
+    save(saver, model, 4, blocking=False, progress=hold)
+    started.wait()
+    staging = run / "checkpoints/.staging-step_00000004"
+    assert prune(run, keep_last=1) == []  # the CLI pruning while the run saves
+    assert staging.is_dir() and (run / "checkpoints/step_00000003").is_dir()
+    release.set()
+    saver.close()
+    infos = list_checkpoints(run, verify=True)
+    assert [(i.step, i.complete, i.latest) for i in infos] == [(4, True, True)]
+
+
+# --- catalog ------------------------------------------------------------------------------------
+
+
+def test_catalog_lists_runs_newest_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "root/a", log=None) as saver:
+        save(saver, model, 10, phase="stable")
+        save(saver, model, 20, phase="decay")
+    (tmp_path / "root/a/checkpoints/.staging-step_00000030").mkdir()  # a crashed save
+    with CheckpointSaver(tmp_path / "root/b", log=None) as saver:
+        save(saver, model, 5, phase="warmup")
+
+    infos = list_checkpoints(tmp_path / "root")
+    assert [(i.run_dir.name, i.step, i.complete) for i in infos] == [  # type: ignore[union-attr]
+        ("a", 10, True),
+        ("a", 20, True),
+        ("a", 30, False),
+        ("b", 5, True),
+    ]
+    rows = to_json(infos)
+    assert {"path", "step", "tokens", "lr", "phase", "complete"} <= set(rows[0])
+    assert rows[1]["phase"] == "decay" and rows[1]["latest"] and rows[2]["status"] == "incomplete"
+    json.dumps(rows)
+    assert [i.step for i in list_checkpoints(tmp_path / "root/a")] == [10, 20, 30]
+    assert [i.step for i in list_checkpoints(tmp_path / "root/a/checkpoints")] == [10, 20, 30]
+    one = list_checkpoints(tmp_path / "root/a/checkpoints/step_00000010", verify=True)
+    assert [(i.step, i.verified) for i in one] == [(10, True)]
+
+    print_table(infos)
+    err = capsys.readouterr().err
+    assert "decay" in err and "incomplete" in err
+    d = show_checkpoint(tmp_path / "root/a", as_json=True)
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == d["step"] == 20 and "model.safetensors" in out["files"]
+    assert describe_checkpoint(tmp_path / "root/b")["trainer_state"]["step"] == 5
+
+
+def test_resolve_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    ckpts = tmp_path / "run/checkpoints"
+    assert latest_checkpoint(tmp_path / "run") is None  # no run yet
+    ckpts.mkdir(parents=True)
+    assert latest_checkpoint(tmp_path / "run") is None  # nothing saved yet
+    with pytest.raises(CheckpointError, match="latest: missing"):
+        resolve_checkpoint(tmp_path / "run")
+    (ckpts / "latest").write_text("step_00000007\n")
+    with pytest.raises(CheckpointError, match="step_00000007, which does not exist"):
+        resolve_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="latest: names step_00000007, which is missing"):
+        latest_checkpoint(tmp_path / "run")
+    (ckpts / "latest").write_text("../../etc\n")
+    with pytest.raises(CheckpointError, match="latest: expected a name"):
+        resolve_checkpoint(ckpts)
+    with pytest.raises(CheckpointError, match="no such"):
+        resolve_checkpoint(tmp_path / "nope")
+
+
+# --- Hugging Face import / export ---------------------------------------------------------------
+
+
+def _hf_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(7)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    if kind == "mistral":
+        cfg = MistralConfig(**SHAPE, sliding_window=16)
+    else:
+        cfg = Qwen2Config(**SHAPE, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "kind,layout",
+    [("llama", "safetensors"), ("mistral", "sharded"), ("qwen2", "bin"), ("llama", "bin-sharded")],
+)
+def test_import_export_round_trip(tmp_path: Path, kind: str, layout: str) -> None:
+    model = _hf_model(kind)
+    src = tmp_path / "hf"
+    if layout in ("safetensors", "sharded"):
+        model.save_pretrained(src, max_shard_size="150KB" if layout == "sharded" else "5GB")
+    else:
+        src.mkdir()
+        model.config.save_pretrained(src)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        if layout == "bin":
+            torch.save(sd, src / "pytorch_model.bin")
+        else:
+            keys = list(sd)
+            halves = {"a.bin": keys[: len(keys) // 2], "b.bin": keys[len(keys) // 2 :]}
+            for f, ks in halves.items():
+                torch.save({k: sd[k] for k in ks}, src / f)
+            wm = {k: f for f, ks in halves.items() for k in ks}
+            (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+    if layout == "sharded":
+        assert (src / "model.safetensors.index.json").exists()
+    tiny_tokenizer(src)
+
+    ckpt_dir = import_hf(src, tmp_path / "imported")
+    assert verify_checkpoint(ckpt_dir) == []
+    ckpt = load_checkpoint(ckpt_dir)
+    assert (ckpt.manifest.phase, ckpt.manifest.parent, ckpt.manifest.keep) == (
+        "imported",
+        str(src),
+        True,
+    )
+    assert "tokenizer.json" in ckpt.manifest.files
+    imported = ckpt.model_state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(imported[k], v), k
+
+    inside = AutoModelForCausalLM.from_config(model.config).eval()  # the model inside midtrain
+    inside.load_state_dict(imported, strict=True)
+    out = export_hf(ckpt_dir, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(exported), logits(inside))
+    assert torch.equal(logits(exported), logits(model))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [type(model).__name__]
+    assert not {"manifest.json", "trainer_state.json"} & {p.name for p in out.iterdir()}
+    text = "the court held that"
+    assert AutoTokenizer.from_pretrained(out)(text) == AutoTokenizer.from_pretrained(src)(text)
+
+    again = load_checkpoint(import_hf(out, tmp_path / "again")).model_state_dict()
+    assert again.keys() == imported.keys()
+    assert all(torch.equal(again[k], imported[k]) for k in imported)
+
+
+def test_export_of_training_checkpoint_drops_midtrain_files(tmp_path: Path) -> None:
+    model = tiny_llama(tie=True)
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        save(saver, model, 9, optimizer_state=opt_state(model), run_spec="a: 1\n")
+    out = export_hf(tmp_path / "run", tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model))
+    with pytest.raises(CheckpointError, match="already exists"):
+        export_hf(tmp_path / "run", out)
+
+
+def test_import_rejects_bad_models(tmp_path: Path) -> None:
+    model = _hf_model("llama")
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    with pytest.raises(CheckpointError, match="already exists"):
+        import_hf(src, src)
+
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: model_type 'gpt2' is not supported"):
+        import_hf(src, tmp_path / "o1")
+    (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .* has shape"):
+        import_hf(src, tmp_path / "o2")
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(CheckpointError, match="lack .* tensors"):
+        import_hf(src, tmp_path / "o3")
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.1"):
+        import_hf(src, tmp_path / "o4")
+    (src / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model weights"):
+        import_hf(src, tmp_path / "o5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial output anywhere
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_save_blocking_and_async(tmp_path: Path) -> None:
+    model = tiny_llama().cuda()
+    expected = {k: v.cpu().clone() for k, v in model.state_dict().items()}
+    saver = CheckpointSaver(tmp_path / "run", log=None)
+    save(saver, model, 1)
+    save(saver, model, 2, blocking=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    saver.close()
+    for step in (1, 2):
+        sd = load_checkpoint(tmp_path / f"run/checkpoints/step_{step:08d}").model_state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in expected.items())

@@ -1,0 +1,355 @@
+"""Checkpoints under faults and hostile input: SIGKILL mid-save, corrupt files, a full disk, pickle
+payloads and remote code. Real subprocesses, real files; nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from midtrain.checkpoints import (
+    CheckpointMeta,
+    CheckpointSaver,
+    import_hf,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from midtrain.errors import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Shared by the child processes: a deterministic Llama-named state dict (no transformers import,
+# so a child starts in about a second) and a saver for a run directory.
+CHILD_PRELUDE = textwrap.dedent(
+    """
+    import json, os, resource, signal, sys, time
+    import torch
+    from midtrain.checkpoints import CheckpointMeta, CheckpointSaver
+
+    CONFIG = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 176,
+              "vocab_size": VOCAB}
+
+    def state(seed):
+        g = torch.Generator().manual_seed(seed)
+        names = {"model.embed_tokens.weight": (VOCAB, 64), "model.norm.weight": (64,),
+                 "lm_head.weight": (VOCAB, 64)}
+        return {k: torch.randn(s, generator=g) for k, s in names.items()}
+
+    def save(saver, step, **kw):
+        meta = CheckpointMeta(step=step, tokens=step * 10, lr=1e-3, phase="stable", loss=1.0)
+        return saver.save(meta, model_state=state(step), config=CONFIG,
+                          trainer_state={"step": step}, **kw)
+    """
+)
+
+
+def expected_state(seed: int, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    names = {
+        "model.embed_tokens.weight": (vocab, 64),
+        "model.norm.weight": (64,),
+        "lm_head.weight": (vocab, 64),
+    }
+    return {k: torch.randn(s, generator=g) for k, s in names.items()}
+
+
+def child(script: str, vocab: int = 512) -> subprocess.Popen[str]:
+    code = CHILD_PRELUDE.replace("VOCAB", str(vocab)) + textwrap.dedent(script)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MIDTRAIN_NO_PROGRESS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def assert_previous_checkpoint_survives(run: Path, vocab: int) -> None:
+    infos = list_checkpoints(run, verify=True)
+    complete = [i.step for i in infos if i.complete]
+    assert complete == [10], [(i.path.name, i.status, i.problems) for i in infos]
+    assert not any(i.complete for i in infos if i.step == 20)
+    assert resolve_checkpoint(run).name == "step_00000010"
+    sd = load_checkpoint(run).model_state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in expected_state(10, vocab).items())
+
+
+# --- SIGKILL ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["mid-file", "committer-waiting"])
+def test_sigkill_during_async_save_keeps_previous(tmp_path: Path, where: str) -> None:
+    run = tmp_path / "run"
+    vocab = 4096  # 1 MiB per embedding: the kill lands while model.safetensors is half written
+    if where == "mid-file":
+        script = f"""
+        saver = CheckpointSaver({str(run)!r}, keep_last=1, log=None)
+        save(saver, 10)
+        written = 0
+        def progress(n):
+            global written
+            written += n
+            if written > 1 << 20:
+                print("MIDWAY", flush=True)
+                time.sleep(600)
+        save(saver, 20, blocking=False, progress=progress)
+        time.sleep(600)  # training goes on
+        """
+    else:
+        # Rank 0 of 2: its files are complete, the committer waits for rank 1, which never comes.
+        script = f"""
+        with CheckpointSaver({str(run)!r}, keep_last=1, log=None) as first:
+            save(first, 10)
+        saver = CheckpointSaver({str(run)!r}, world_size=2, barrier=lambda: None, log=None)
+        save(saver, 20, blocking=False)
+        while not os.path.exists({str(run)!r} + "/checkpoints/.staging-step_00000020/.done-rank0"):
+            time.sleep(0.01)
+        print("MIDWAY", flush=True)
+        time.sleep(600)
+        """
+    proc = child(script, vocab=vocab)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "MIDWAY", proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.communicate()
+
+    staging = run / "checkpoints/.staging-step_00000020"
+    assert staging.is_dir() and not (staging / "manifest.json").exists()
+    assert_previous_checkpoint_survives(run, vocab)
+    [incomplete] = [i for i in list_checkpoints(run) if i.step == 20]
+    assert (incomplete.complete, incomplete.status) == (False, "incomplete")
+
+    # The run resumes and saves the same step again: the stale staging dir is replaced.
+    with CheckpointSaver(run, keep_last=1, log=None) as saver:
+        state = expected_state(20, vocab)
+        config = {"model_type": "llama", "vocab_size": vocab}
+        saver.save(CheckpointMeta(step=20), model_state=state, config=config)
+    assert [(i.step, i.complete) for i in list_checkpoints(run, verify=True)] == [(20, True)]
+
+
+# --- corrupt or hostile files -------------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs ``open(MARKER, "w")``: a real code-execution payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+def write_payload(path: Path, marker: Path) -> None:
+    path.write_bytes(pickle.dumps({"model.norm.weight": Payload(marker)}))
+
+
+def test_payload_is_live_when_unpickled_unsafely(tmp_path: Path) -> None:
+    # Control for the tests below: the payload really creates its file when unpickled.
+    marker = tmp_path / "pwned"
+    write_payload(tmp_path / "x.bin", marker)
+    code = f"import pickle; pickle.load(open({str(tmp_path / 'x.bin')!r}, 'rb'))"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert marker.exists()
+
+
+def _saved_run(tmp_path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=176, vocab_size=512)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    opt = {f"{n}/exp_avg": torch.zeros_like(p) for n, p in model.named_parameters()}
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        meta = CheckpointMeta(step=10, tokens=100, lr=1e-3, phase="stable")
+        return saver.save(meta, model_state=model.state_dict(), config=cfg, optimizer_state=opt)
+
+
+def _truncate(p: Path) -> None:
+    data = (p / "model.safetensors").read_bytes()
+    (p / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _flip(p: Path) -> None:
+    f = p / "optimizer" / "optimizer-00000-of-00001.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) - 100] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def _manifest_edit(p: Path, **changes: object) -> None:
+    m = json.loads((p / "manifest.json").read_text())
+    m.update(changes)
+    (p / "manifest.json").write_text(json.dumps(m))
+
+
+CORRUPTIONS = {
+    "truncated": (_truncate, "model.safetensors: truncated"),
+    "flipped byte": (_flip, "optimizer-00000-of-00001.safetensors: altered"),
+    "missing file": (lambda p: (p / "config.json").unlink(), "config.json: missing"),
+    "unknown format": (
+        lambda p: _manifest_edit(p, format_version=99),
+        "manifest.json: unknown format_version 99",
+    ),
+    "manifest not json": (
+        lambda p: (p / "manifest.json").write_text('{"format_version": 1, "step":'),
+        "manifest.json: not valid JSON",
+    ),
+    "manifest missing": (lambda p: (p / "manifest.json").unlink(), "manifest.json: missing"),
+    "bad manifest field": (
+        lambda p: _manifest_edit(p, tokens="many"),
+        "manifest.json: tokens: ",
+    ),
+    "manifest escapes dir": (
+        lambda p: _manifest_edit(p, files={"../x": {"sha256": "0" * 64, "size": 1}}),
+        "not a plain relative path",
+    ),
+    "unlisted pickle": (
+        lambda p: write_payload(p / "optimizer.pt", p.parent / "pwned"),
+        "optimizer.pt: not listed in manifest.json",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_corruption_is_reported_and_never_loaded(tmp_path: Path, kind: str) -> None:
+    path = _saved_run(tmp_path)
+    corrupt, message = CORRUPTIONS[kind]
+    corrupt(path)
+    problems = verify_checkpoint(path)
+    assert any(message in p for p in problems), problems
+    assert all(str(path) in p for p in problems)  # every problem names its file
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(")) as err:
+        load_checkpoint(tmp_path / "run")
+    assert str(path) in str(err.value)
+    [info] = list_checkpoints(tmp_path / "run", verify=True)
+    assert not info.complete and info.status in ("damaged", "incomplete")
+    assert not (tmp_path / "run/checkpoints/pwned").exists()
+
+
+def test_truncation_caught_without_hashing(tmp_path: Path) -> None:
+    path = _saved_run(tmp_path)
+    _truncate(path)
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+        load_checkpoint(path, verify=False)
+
+
+# --- full disk ----------------------------------------------------------------------------------
+
+
+def test_out_of_disk_space_is_a_clear_error(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = f"""
+    saver = CheckpointSaver({str(run)!r}, keep_last=1, log=None)
+    save(saver, 10)
+    # Every file may now grow to 256 kB only; writes past it fail with EFBIG (SIGXFSZ ignored).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, resource.RLIM_INFINITY))
+    errors = []
+    try:
+        save(saver, 20)
+    except Exception as exc:
+        errors.append(f"{{type(exc).__name__}}: {{exc}}")
+    save(saver, 20, blocking=False)
+    try:
+        saver.wait()
+    except Exception as exc:
+        errors.append(f"{{type(exc).__name__}}: {{exc}}")
+    print(json.dumps(errors))
+    """
+    proc = child(script, vocab=2048)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    errors = json.loads(out.strip().splitlines()[-1])
+    assert len(errors) == 2
+    for e in errors:
+        assert e.startswith("CheckpointError: ")
+        assert "out of disk space or over the file size limit" in e
+        assert ".staging-step_00000020/model.safetensors" in e
+    assert_previous_checkpoint_survives(run, 2048)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000010"]
+
+
+# --- pickle and remote code ---------------------------------------------------------------------
+
+
+def _hf_dir(tmp_path: Path) -> Path:
+    src = tmp_path / "hf"
+    src.mkdir()
+    cfg = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 176,
+           "vocab_size": 512}  # fmt: skip
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+def test_pickle_payload_in_bin_is_refused(tmp_path: Path) -> None:
+    src = _hf_dir(tmp_path)
+    marker = tmp_path / "pwned"
+    write_payload(src / "pytorch_model.bin", marker)
+    code = textwrap.dedent(
+        f"""
+        from midtrain.checkpoints import import_hf
+        from midtrain.errors import CheckpointError
+        try:
+            import_hf({str(src)!r}, {str(tmp_path / "out")!r})
+        except CheckpointError as exc:
+            print("REFUSED", exc)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("REFUSED ") and "pytorch_model.bin: refused" in res.stdout
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no staging left
+
+
+def test_pickle_payload_as_torch_save_zip_is_refused(tmp_path: Path) -> None:
+    # The modern .bin container (a zip holding data.pkl) with the same payload inside.
+    src = _hf_dir(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"model.norm.weight": Payload(marker)}, src / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: refused"):
+        import_hf(src, tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_remote_code_is_never_run(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=176, vocab_size=512)).save_pretrained(src)  # fmt: skip
+    marker = tmp_path / "pwned"
+    (src / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (src / "config.json").write_text(json.dumps(cfg))
+
+    out = import_hf(src, tmp_path / "out")
+    assert not (out / "modeling_evil.py").exists()
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    load_model(out)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="never runs"):
+        load_model(out, trust_remote_code=True)
