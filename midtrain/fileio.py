@@ -14,6 +14,12 @@ _READ_AHEAD = 256 << 20
 _FADVISE = hasattr(os, "posix_fadvise")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or file creation inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -29,6 +35,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

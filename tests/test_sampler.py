@@ -301,5 +301,5 @@ def test_a_corrupt_index_is_a_data_error(tmp_path: Path) -> None:
             "sources": [{"name": "a", "kind": "curated", "path": str(tmp_path / "a"), "weight": 1}],
         },
     )
-    with pytest.raises(DataError, match=r"m.yaml: source 'a': .*a.idx: not a readable indexed"):
+    with pytest.raises(DataError, match=r"m.yaml: source 'a': .*a.idx: truncated index"):
         MixtureSampler(load_mixture(path))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from midtrain.data_mixing.indexed import open_indexed
 from midtrain.data_mixing.interleave import Interleaver
 from midtrain.data_mixing.mixture import MixtureConfig
 from midtrain.data_mixing.plan import MixturePlan, plan_mixture
@@ -32,10 +33,8 @@ from midtrain.errors import ConfigError, DataError
 
 with warnings.catch_warnings():  # megatron.core warns about optional GPU libraries on import
     warnings.simplefilter("ignore")
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 SAMPLER_FORMAT = "midtrain.sampler/1"
-IDX_HEADER = b"MMIDIDX\x00\x00"  # the first bytes of a megatron-core .idx file
 
 
 @dataclass
@@ -68,18 +67,6 @@ def _name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
-def _open(prefix: str) -> IndexedDataset:
-    # megatron-core asserts on a bad header (and then fails again in __del__): check it first.
-    with open(f"{prefix}.idx", "rb") as f:
-        header = f.read(len(IDX_HEADER))
-    try:
-        if header != IDX_HEADER:
-            raise ValueError("bad header")
-        return IndexedDataset(prefix)
-    except (AssertionError, OSError, ValueError) as exc:
-        raise DataError(f"{prefix}.idx: not a readable indexed dataset ({exc})") from None
-
-
 class SourceStream:
     """One source's documents, shuffled per epoch and cut into overlapping windows."""
 
@@ -88,7 +75,7 @@ class SourceStream:
     ) -> None:
         self.name = name
         self.seq_length = seq_length
-        self.datasets = [_open(p) for p in prefixes]
+        self.datasets = [open_indexed(p) for p in prefixes]
         lengths = [ds.sequence_lengths.astype(np.int64) for ds in self.datasets]
         self._first_doc = [0]  # global document id at which each prefix starts
         for part in lengths:
