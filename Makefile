@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# DeepSpeed ships as a source package that imports torch while building: build it against ours.
 	$(BIN)/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~30 s): do it once here,
+	# not inside the first training run.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "import deepspeed.comm.torch as c; c.build_shm_op()" >/dev/null
 	touch $(STAMP)
 
 demo: install

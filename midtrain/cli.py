@@ -42,7 +42,7 @@ def tokenizer() -> None:
 
 @tokenizer.command("train")
 @click.option("--input", "inputs", multiple=True, required=True, help=INPUTS_HELP)
-@click.option("--vocab-size", type=click.IntRange(min=64), required=True)
+@click.option("--vocab-size", type=click.IntRange(min=257), required=True)
 @click.option("--output", type=click.Path(file_okay=False), required=True, help="directory")
 @click.option("--text-field", default="text", show_default=True, help="JSON/parquet text column")
 @click.option("--paragraphs", is_flag=True, help="a .txt file holds one document per paragraph")
@@ -104,6 +104,27 @@ def data_prepare(
     prepare_corpus(cfg)
 
 
+@data.command("sample-corpora")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="directory")
+@click.option(
+    "--max-chars",
+    type=click.IntRange(min=1000),
+    default=2_000_000,
+    show_default=True,
+    help="characters of text per corpus",
+)
+def data_sample_corpora(output: str, max_chars: int) -> None:
+    """Build two sample corpora from text on this machine (for demos and trials).
+
+    general.jsonl: Python standard-library docstrings (a curated general corpus);
+    legal.jsonl: the license texts installed packages ship (a customer's legal corpus).
+    """
+    from midtrain.data_mixing.sample_corpora import build_sample_corpora
+
+    for name, path in build_sample_corpora(output, max_chars).items():
+        click.echo(f"{name}: {path}")
+
+
 @cli.group()
 def mix() -> None:
     """Plan data mixtures before spending any GPU time."""
@@ -132,6 +153,97 @@ def mix_plan(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
         plan.print()
 
 
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+@cli.group()
+def ckpt() -> None:
+    """Browse, verify, prune, import and export checkpoints."""
+
+
+@ckpt.command("list")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list on stdout, newest last")
+@click.option("--verify", is_flag=True, help="re-hash every file (slower)")
+def ckpt_list(path: str, as_json: bool, verify: bool) -> None:
+    """The checkpoints of a run (or of every run under a root): step, tokens, LR, phase, loss."""
+    from midtrain.checkpoints import list_checkpoints, print_table, to_json
+
+    infos = list_checkpoints(path, verify=verify)
+    if as_json:
+        click.echo(json.dumps(to_json(infos), indent=2))
+    else:
+        print_table(infos)
+
+
+@ckpt.command("show")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print JSON on stdout")
+@click.option("--verify", is_flag=True, help="re-hash every file")
+def ckpt_show(path: str, as_json: bool, verify: bool) -> None:
+    """One checkpoint: its manifest, model, schedule position and files."""
+    from midtrain.checkpoints import show_checkpoint
+
+    show_checkpoint(path, as_json=as_json, verify=verify)
+
+
+@ckpt.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def ckpt_verify(path: str) -> None:
+    """Re-hash every file against the manifest; exit 1 naming each missing or altered file."""
+    from midtrain.checkpoints import resolve_checkpoint, verify_checkpoint
+
+    problems = verify_checkpoint(path)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{resolve_checkpoint(path)}: verified")
+
+
+@ckpt.command("prune")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--dry-run", is_flag=True, help="only show what would be deleted")
+def ckpt_prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
+    """Delete all but the newest N complete checkpoints (and those marked keep, and latest)."""
+    from midtrain.checkpoints import prune
+
+    for path in prune(run_dir, keep_last, dry_run=dry_run):
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {path}")
+
+
+@ckpt.command("keep")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--unset", is_flag=True, help="remove the mark")
+def ckpt_keep(path: str, unset: bool) -> None:
+    """Mark a checkpoint `keep`: retention never deletes it (e.g. a published branch point)."""
+    from midtrain.checkpoints import mark_keep
+
+    mark_keep(path, keep=not unset)
+    click.echo(f"{path}: keep={'no' if unset else 'yes'}")
+
+
+@ckpt.command("import-hf")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+def ckpt_import_hf(hf_dir: str, out: str) -> None:
+    """Make a start checkpoint from a local Hugging Face model directory (Llama, Mistral, Qwen2)."""
+    from midtrain.checkpoints import import_hf
+
+    click.echo(f"imported {hf_dir} -> {import_hf(hf_dir, out)}")
+
+
+@ckpt.command("export-hf")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+def ckpt_export_hf(path: str, out: str) -> None:
+    """Write a plain Hugging Face directory (config, safetensors, tokenizer) for serving/eval."""
+    from midtrain.checkpoints import export_hf
+
+    click.echo(f"exported {path} -> {export_hf(path, out)}")
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -150,9 +262,73 @@ def schedule_plot(spec: str, overrides: tuple[str, ...], out: str) -> None:
     from midtrain.training.schedule import plot_schedule
 
     run = load_run_spec(spec, list(overrides))
-    sched = run.schedule.build(peak_lr=run.optimizer.lr, total_steps=run.train.max_steps)
+    rewarm_from = None
+    if run.init_from is not None:  # a re-warm starts at the LR the start checkpoint was saved at
+        from midtrain.checkpoints import load_checkpoint
+
+        rewarm_from = load_checkpoint(run.init_from.checkpoint, verify=False).manifest.lr
+    sched = run.schedule.build(
+        peak_lr=run.optimizer.lr, total_steps=run.train.max_steps, rewarm_from_lr=rewarm_from
+    )
     plot_schedule(sched, run.train.max_steps, out, title=f"{run.schedule.kind}: {spec}")
     click.echo(f"wrote {out}")
+
+
+@cli.command("train", context_settings={"ignore_unknown_options": False})
+@click.argument("spec", required=False)
+@click.argument("overrides", nargs=-1)
+@click.option("--workers", type=click.IntRange(min=1), help="data-parallel workers (= workers=N)")
+@click.option("--resume", "resume_dir", metavar="RUN_DIR", help="continue this run exactly")
+@click.option("--auto-resume", is_flag=True, help="resume if the run has a checkpoint, else start")
+@click.option(
+    "--allow-changed-spec", is_flag=True, help="resume despite changes that break exactness"
+)
+def train(
+    spec: str | None,
+    overrides: tuple[str, ...],
+    workers: int | None,
+    resume_dir: str | None,
+    auto_resume: bool,
+    allow_changed_spec: bool,
+) -> None:
+    """Train: pretrain, branch from a checkpoint (init_from), or resume a run.
+
+    \b
+    midtrain train run.yaml [key.sub=value ...]     a new run (embedded local Ray)
+    midtrain train --resume RUN_DIR                 continue a run exactly
+    RAY_ADDRESS=host:6379 midtrain train run.yaml   drive it on an existing Ray cluster
+
+    Exit status: 0 completed, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint saved (requeue to
+    resume), 1 failed, 2 bad input.
+    """
+    from midtrain.launch.local import run_on_ray
+    from midtrain.launch.start import prepare_run
+
+    extra = list(overrides)
+    if spec is not None and "=" in spec and not spec.endswith((".yaml", ".yml")):
+        spec, extra = None, [spec, *extra]  # `midtrain train --resume DIR key=value`
+    if workers is not None:
+        extra.append(f"workers={workers}")
+    prepared = prepare_run(spec, extra, resume_dir, allow_changed_spec, auto_resume)
+    sys.exit(run_on_ray(prepared))
+
+
+@cli.command("demo")
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--customer-share",
+    type=click.FloatRange(0.05, 0.95),
+    default=0.8,
+    show_default=True,
+    help="share of tokens from the customer corpus when branching",
+)
+def demo(out: str, customer_share: float) -> None:
+    """The whole product on this machine in minutes: prepare, pretrain, branch, evaluate."""
+    from pathlib import Path
+
+    from midtrain.demo import run_demo
+
+    run_demo(Path(out).resolve(), customer_share)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 # Progress and tables go to stderr so that --json output on stdout stays machine-readable.
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
 
 

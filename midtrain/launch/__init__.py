@@ -1,0 +1,1 @@
+"""Launching runs: embedded local Ray, an existing Ray cluster, Slurm."""

@@ -1,0 +1,185 @@
+"""Run a training job on Ray: an embedded local Ray by default, or an existing cluster's address.
+
+The driver starts one Ray Train worker per data-parallel rank, shows progress from the run's
+``metrics.jsonl``, turns SIGTERM/SIGUSR1 into a checkpoint-and-stop request, and returns an exit
+status: 0 when the run completed, ``EXIT_PREEMPTED`` when it stopped early with a checkpoint saved
+(a launcher requeues on it), 1 when it failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from midtrain.console import console, make_progress, print_table, table
+from midtrain.fileio import atomic_write_text
+from midtrain.launch.start import PreparedRun
+from midtrain.runtime_env import OFFLINE_ENV, verbose
+from midtrain.training.checkpointing import events_path
+from midtrain.training.control import PREEMPT_SIGNALS, clear_stop, read_status, request_stop
+from midtrain.training.metrics import read_metrics
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
+
+
+def init_ray(address: str | None, num_cpus: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {}
+    if address is None:
+        # Embedded Ray: logical CPUs are what Ray schedules on; a laptop with 2 cores can still
+        # host 2 workers plus the trainer's controller.
+        kwargs["num_cpus"] = max(num_cpus, os.cpu_count() or 1)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=verbose(),
+        logging_level=logging.INFO if verbose() else logging.ERROR,
+        runtime_env={
+            "env_vars": {**OFFLINE_ENV, "MIDTRAIN_VERBOSE": os.environ.get("MIDTRAIN_VERBOSE", "")}
+        },
+        **kwargs,
+    )
+
+
+def run_on_ray(prepared: PreparedRun) -> int:
+    """Run to completion (or preemption) and return the process exit status."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from midtrain.training.loop import worker_entry
+
+    spec = prepared.spec
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "run_spec.yaml", spec.to_yaml())
+    clear_stop(run_dir)
+    (run_dir / "control" / "status.json").unlink(missing_ok=True)
+
+    use_gpu = spec.launch.use_gpu
+    if use_gpu is None:
+        import torch
+
+        use_gpu = torch.cuda.is_available()
+    init_ray(spec.launch.ray_address, spec.workers * spec.launch.cpus_per_worker + 1)
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config={
+            "spec_yaml": spec.to_yaml(),
+            "spec_path": str(run_dir / "run_spec.yaml"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={
+                "CPU": spec.launch.cpus_per_worker,
+                **({"GPU": 1} if use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=spec.launch.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
+        ),
+    )
+
+    # fit() runs in a thread: the main thread must stay free to handle SIGTERM/SIGUSR1 promptly
+    # (a signal handler only runs when the main thread is executing Python code).
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray wraps worker errors; the cause is what the user needs
+            outcome["error"] = exc
+
+    previous = {sig: signal.getsignal(sig) for sig in PREEMPT_SIGNALS}
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, lambda signum, _f: request_stop(run_dir, signal.Signals(signum).name))
+    started = time.time()
+    fitting = threading.Thread(target=fit, name="midtrain-fit", daemon=True)
+    try:
+        fitting.start()
+        _show_progress(prepared, fitting)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    error = outcome.get("error")
+
+    status = read_status(run_dir)
+    if error is not None or status is None:
+        console.print(f"[red]training failed[/red]: {_root_cause(error)}")
+        return 1
+    _summary(prepared, status, time.time() - started)
+    if status["status"] == "preempted":
+        console.print(
+            f"stopped at step {status['step']} with a checkpoint saved; "
+            f"resume with `midtrain train --resume {run_dir}`"
+        )
+        return EXIT_PREEMPTED
+    return 0
+
+
+def _root_cause(error: BaseException | None) -> str:
+    if error is None:
+        return "the workers ended without writing a status"
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def _show_progress(prepared: PreparedRun, fitting: threading.Thread) -> None:
+    """Follow the run's metrics and events files: a live bar on a terminal, else a line per 10%."""
+    spec = prepared.spec
+    total = spec.train.max_steps
+    every = max(1, total // 10)
+    events = events_path(spec.run_dir)
+    events_seen = len(events.read_text().splitlines()) if events.is_file() else 0
+    shown = 0
+    with make_progress() as progress:
+        task = progress.add_task("training", total=total, extra="")
+        while fitting.is_alive():
+            fitting.join(0.25)
+            if events.is_file():
+                lines = events.read_text().splitlines()
+                for line in lines[events_seen:]:
+                    console.print(line)
+                events_seen = len(lines)
+            records = read_metrics(spec.run_dir)
+            if not records:
+                continue
+            last = records[-1]
+            extra = (
+                f"loss {last['loss']:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:,.0f} tok/s"
+            )
+            progress.update(task, completed=last["step"], extra=extra)
+            if progress.disable and last["step"] >= shown + every:
+                shown = last["step"]
+                console.print(f"step {last['step']}/{total}  {extra}")
+
+
+def _summary(prepared: PreparedRun, status: dict, seconds: float) -> None:
+    records = read_metrics(prepared.spec.run_dir)
+    if not records:
+        return
+    last = records[-1]
+    rows = [
+        ("status", status["status"]),
+        ("steps", f"{last['step']}/{prepared.spec.train.max_steps}"),
+        ("tokens", last["tokens"]),
+        ("final loss", last["loss"]),
+        *((f"loss · {k}", v) for k, v in last["loss_by_source"].items()),
+        *((f"tokens · {k}", v) for k, v in last["tokens_by_source"].items()),
+        ("wall time (s)", round(seconds, 1)),
+        ("run dir", prepared.spec.run_dir),
+    ]
+    print_table(table("run summary", ["", "value"], rows))

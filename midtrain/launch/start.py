@@ -1,0 +1,102 @@
+"""Before any worker starts: decide new run vs. resume, check the spec, the data and the start point.
+
+Everything that can be wrong with the user's input is found here, in the driver, so that a bad
+run spec costs seconds, not a Ray start-up and a failed worker group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from midtrain.checkpoints.store import latest_checkpoint
+from midtrain.config import RunSpec, breaks_exactness, diff_specs, load_run_spec, run_spec_from_yaml
+from midtrain.console import console
+from midtrain.data_mixing.plan import MixturePlan, plan_mixture
+from midtrain.errors import ConfigError
+from midtrain.training.checkpointing import check_start
+
+
+@dataclass
+class PreparedRun:
+    spec: RunSpec
+    resuming: bool
+    plan: MixturePlan
+
+
+def _saved_spec(run_dir: Path) -> tuple[Path, RunSpec]:
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise ConfigError(f"{run_dir}: no complete checkpoint to resume from")
+    path = latest / "run_spec.yaml"
+    return latest, run_spec_from_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def prepare_run(
+    spec_path: str | None,
+    overrides: list[str],
+    resume_dir: str | None = None,
+    allow_changed_spec: bool = False,
+    auto_resume: bool = False,
+) -> PreparedRun:
+    """Resolve what to run. ``resume_dir`` or ``resume: true`` continues a run exactly."""
+    if spec_path is None and resume_dir is None:
+        raise ConfigError("give a run spec, or --resume RUN_DIR")
+    if spec_path is not None:
+        spec = load_run_spec(spec_path, overrides)
+        run_dir = Path(resume_dir).resolve() if resume_dir else Path(spec.run_dir)
+        if resume_dir and Path(spec.run_dir) != run_dir:
+            raise ConfigError(
+                f"--resume {resume_dir} names another run_dir than the spec ({spec.run_dir})"
+            )
+    else:
+        run_dir = Path(resume_dir).resolve()
+        _, spec = _saved_spec(run_dir)
+        # The run may have been moved or copied since it was saved: it continues where it is.
+        spec = spec.model_copy(update={"run_dir": str(run_dir)})
+        if overrides:
+            from midtrain.config_io import apply_overrides, validate
+
+            data = apply_overrides(spec.model_dump(mode="json"), overrides)
+            spec = validate(RunSpec, data, f"{run_dir} (saved spec + overrides)")
+
+    has_checkpoint = latest_checkpoint(run_dir) is not None
+    resuming = bool(resume_dir) or spec.resume or (auto_resume and has_checkpoint)
+    if resuming:
+        latest, saved = _saved_spec(run_dir)
+        spec = spec.model_copy(update={"resume": True, "init_from": saved.init_from})
+        _check_changes(saved, spec, latest, allow_changed_spec)
+    elif has_checkpoint:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints of a run: continue it with "
+            f"`midtrain train --resume {run_dir}`, or choose a new run_dir (nothing was overwritten)"
+        )
+    if spec.train.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "train.tensorboard: the tensorboard package is not installed "
+                "(pip install 'midtrain[tensorboard]')"
+            ) from None
+    plan = plan_mixture(spec.mixture, total_sequences=spec.total_sequences)
+    check_start(spec, resuming)
+    return PreparedRun(spec, resuming, plan)
+
+
+def _check_changes(saved: RunSpec, new: RunSpec, where: Path, allow: bool) -> None:
+    ignore = {"resume", "run_dir"}
+    diffs = [d for d in diff_specs(saved, new) if d[0] not in ignore]
+    if not diffs:
+        return
+    console.print(f"The run spec differs from the one saved in {where}:")
+    for key, old, value in diffs:
+        mark = "  (breaks exact resume)" if breaks_exactness(key) else ""
+        console.print(f"  {key}: {old!r} -> {value!r}{mark}")
+    breaking = [key for key, _, _ in diffs if breaks_exactness(key)]
+    if breaking and not allow:
+        raise ConfigError(
+            "refusing to resume with changes that break exactness ("
+            + ", ".join(breaking)
+            + "); pass --allow-changed-spec to resume anyway"
+        )

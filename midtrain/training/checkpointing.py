@@ -1,0 +1,255 @@
+"""Where a run starts from, and how the trainer saves through the checkpoint store.
+
+Four ways to start, in this order of precedence:
+  resume       the run's own latest checkpoint: weights, optimizer, sampler, step, RNG (exact)
+  init_from    another run's checkpoint: weights (+ optimizer moments if asked), a fresh run
+  from_checkpoint  a midtrain checkpoint or a Hugging Face directory: weights only
+  config       a new model of the configured shape
+A worker that finds a checkpoint in its own run_dir always resumes from it: that is how a worker
+group restarted by Ray after a failure continues (the driver refuses a *new* run in a run_dir that
+already holds checkpoints, so any checkpoint found there belongs to this run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from midtrain.checkpoints import (
+    CheckpointMeta,
+    CheckpointSaver,
+    load_checkpoint,
+    split_optimizer_key,
+)
+from midtrain.checkpoints.layout import MANIFEST
+from midtrain.checkpoints.store import latest_checkpoint
+from midtrain.config import RunSpec
+from midtrain.data_mixing.stats import load_stats
+from midtrain.data_mixing.tokenizer import load_tokenizer, tokenizer_fingerprint
+from midtrain.errors import CheckpointError, ConfigError
+from midtrain.training.model import build_model, check_same_shape, llama_config, load_hf_config
+
+
+@dataclass
+class StartPoint:
+    kind: str  # "resume" | "init_from" | "from_checkpoint" | "config"
+    source: str
+    hf_config: transformers.PretrainedConfig
+    tokenizer_dir: str | None
+    weights: Callable[[], dict[str, torch.Tensor]] | None = None
+    lr: float | None = None  # the LR the start checkpoint was at: where a re-warm starts
+    parent: str | None = None
+    optimizer_tensors: Callable[[], dict[str, torch.Tensor]] | None = None
+    optimizer_step: int = 0
+    resume_state: dict[str, Any] | None = None
+    seed: int = 0
+
+    def build_model(self) -> transformers.PreTrainedModel:
+        model = build_model(self.hf_config, self.seed)
+        if self.weights is not None:
+            missing, unexpected = model.load_state_dict(self.weights(), strict=False)
+            missing = [k for k in missing if k not in _tied_names(model)]
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{self.source}: weights do not fit the model "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        return model
+
+
+def _tied_names(model: transformers.PreTrainedModel) -> set[str]:
+    return {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+
+
+def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
+    """Decide where this run's weights and state come from (the same answer on every rank)."""
+    seed = spec.train.seed
+    own = latest_checkpoint(spec.run_dir)
+    if own is not None:
+        ckpt = load_checkpoint(own, verify=verify)
+        state = ckpt.trainer_state
+        return StartPoint(
+            kind="resume",
+            source=str(ckpt.path),
+            hf_config=load_hf_config(ckpt.path),
+            tokenizer_dir=spec.model.tokenizer or str(ckpt.path),
+            weights=ckpt.model_state_dict,
+            lr=state.get("rewarm_from_lr"),
+            parent=ckpt.manifest.parent,
+            optimizer_tensors=ckpt.optimizer_tensors,
+            optimizer_step=int(state["optimizer_step"]),
+            resume_state=state,
+            seed=seed,
+        )
+    if spec.resume:
+        raise CheckpointError(f"{spec.run_dir}: no complete checkpoint to resume from")
+
+    if spec.init_from is not None:
+        ckpt = load_checkpoint(spec.init_from.checkpoint, verify=verify)
+        config = load_hf_config(ckpt.path)
+        _check_configured_shape(spec, config, str(ckpt.path))
+        load_opt = spec.init_from.load_optimizer
+        if load_opt and not ckpt.has_optimizer:
+            raise CheckpointError(
+                f"{ckpt.path}: init_from.load_optimizer is true but it holds no optimizer state"
+            )
+        return StartPoint(
+            kind="init_from",
+            source=str(ckpt.path),
+            hf_config=config,
+            tokenizer_dir=spec.model.tokenizer or str(ckpt.path),
+            weights=ckpt.model_state_dict,
+            lr=ckpt.manifest.lr,
+            parent=str(ckpt.path),
+            optimizer_tensors=ckpt.optimizer_tensors if load_opt else None,
+            optimizer_step=int(ckpt.trainer_state.get("optimizer_step", ckpt.step))
+            if load_opt
+            else 0,
+            seed=seed,
+        )
+
+    if spec.model.from_checkpoint is not None:
+        path = Path(spec.model.from_checkpoint)
+        if (path / MANIFEST).is_file():
+            ckpt = load_checkpoint(path, verify=verify)
+            weights, parent = ckpt.model_state_dict, str(ckpt.path)
+        else:  # a plain Hugging Face directory
+
+            def weights() -> dict[str, torch.Tensor]:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(path), dtype=torch.float32, local_files_only=True, trust_remote_code=False
+                )
+                return model.state_dict()
+
+            parent = str(path)
+        return StartPoint(
+            kind="from_checkpoint",
+            source=str(path),
+            hf_config=load_hf_config(path),
+            tokenizer_dir=spec.model.tokenizer or str(path),
+            weights=weights,
+            parent=parent,
+            seed=seed,
+        )
+
+    assert spec.model.config is not None and spec.model.tokenizer is not None  # validated
+    vocab = len(load_tokenizer(spec.model.tokenizer))
+    config = llama_config(
+        spec.model.config, vocab, spec.mixture.seq_length, spec.model.attn_implementation
+    )
+    return StartPoint("config", "model.config", config, spec.model.tokenizer, seed=seed)
+
+
+def _check_configured_shape(
+    spec: RunSpec, found: transformers.PretrainedConfig, where: str
+) -> None:
+    if spec.model.config is None:
+        return
+    vocab = found.vocab_size
+    if spec.model.tokenizer is not None:
+        vocab = len(load_tokenizer(spec.model.tokenizer))
+    expected = llama_config(spec.model.config, vocab, spec.mixture.seq_length)
+    check_same_shape(expected, found, where)
+
+
+def check_start(spec: RunSpec, resuming: bool) -> StartPoint:
+    """Driver-side checks before any worker starts: the start point loads and verifies, its shape
+    fits, and the model's tokenizer is the one the mixture's data was prepared with."""
+    if not resuming and latest_checkpoint(spec.run_dir) is not None:
+        raise ConfigError(f"{spec.run_dir} already holds checkpoints of a run")
+    start = resolve_start(spec)
+    if start.tokenizer_dir is None or not Path(start.tokenizer_dir).is_dir():
+        raise ConfigError(f"model.tokenizer: {start.tokenizer_dir}: no such directory")
+    fingerprint = tokenizer_fingerprint(start.tokenizer_dir)
+    for source in spec.mixture.sources:
+        for prefix in source.path:
+            tok = load_stats(prefix)["tokenizer"]
+            if tok["fingerprint"] != fingerprint:
+                raise ConfigError(
+                    f"mixture.sources {source.name}: {prefix} was prepared with another tokenizer "
+                    f"({tok['fingerprint'][:12]}) than the model's {start.tokenizer_dir} "
+                    f"({fingerprint[:12]}); prepare it again with the model's tokenizer"
+                )
+            if tok["vocab_size"] > start.hf_config.vocab_size:
+                raise ConfigError(
+                    f"{prefix}: token ids up to {tok['vocab_size']} do not fit the model's "
+                    f"vocabulary of {start.hf_config.vocab_size}"
+                )
+    return start
+
+
+class RunCheckpointer:
+    """The trainer's side of saving: who writes what, and the manifest's facts about the step."""
+
+    def __init__(self, spec: RunSpec, rank: int, world: int, start: StartPoint) -> None:
+        self.spec, self.rank, self.world = spec, rank, world
+        self.parent = start.parent
+        self.saver = CheckpointSaver(
+            spec.run_dir,
+            keep_last=spec.checkpoint.keep_last,
+            rank=rank,
+            world_size=world,
+            barrier=dist.barrier if world > 1 else None,
+            tokenizer_dir=start.tokenizer_dir,
+            log=self._log if rank == 0 else None,
+        )
+        self.events = events_path(spec.run_dir)
+
+    def save(
+        self,
+        *,
+        step: int,
+        model: torch.nn.Module,
+        model_state: dict[str, torch.Tensor] | None,
+        optimizer_tensors: dict[str, torch.Tensor],
+        trainer_state: dict[str, Any],
+        lr: float,
+        phase: str,
+        loss: float | None,
+        blocking: bool,
+    ) -> None:
+        keep_every = self.spec.checkpoint.keep_every
+        meta = CheckpointMeta(
+            step=step,
+            tokens=trainer_state["tokens"],
+            lr=lr,
+            phase=phase,
+            loss=loss,
+            parent=self.parent,
+            keep=bool(keep_every and step % keep_every == 0),
+        )
+        params = [name for name, _ in model.named_parameters()]
+        owner = {name: i % self.world for i, name in enumerate(params)}
+        owned = {
+            key: value
+            for key, value in optimizer_tensors.items()
+            if owner[split_optimizer_key(key)[0]] == self.rank
+        }
+        self.saver.save(
+            meta,
+            model_state=model_state,
+            config=model.config if self.rank == 0 else None,
+            trainer_state=trainer_state,
+            run_spec=self.spec.to_yaml(),
+            optimizer_state=owned,
+            blocking=blocking,
+        )
+
+    def close(self) -> None:
+        self.saver.close()
+
+    def _log(self, message: str) -> None:
+        # Workers' output is not streamed to the terminal; the driver shows these lines.
+        self.events.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.events, "a", encoding="utf-8") as f:
+            f.write(message.rstrip() + "\n")
+
+
+def events_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "control" / "events.log"

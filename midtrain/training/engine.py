@@ -1,0 +1,188 @@
+"""The DeepSpeed engine and a view of its optimizer state *per parameter*.
+
+Checkpoints store optimizer state per HF parameter name, full and unsharded ("<name>/exp_avg"),
+so a run saved by W ZeRO ranks loads on any number of ranks: each rank reads the full tensors and
+keeps its own fragment. DeepSpeed's own checkpoint files are never written or read (they are
+pickles loaded with ``weights_only=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+
+from midtrain.config import RunSpec
+from midtrain.errors import CheckpointError
+from midtrain.training.model import parameter_groups
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def deepspeed_config(spec: RunSpec, num_params: int) -> dict[str, Any]:
+    opt, train = spec.optimizer, spec.train
+    # ZeRO allocates its gradient buckets every micro-step: DeepSpeed's 5e8-element default costs
+    # tens of ms per step for a small model, so buckets never exceed the model itself.
+    bucket = int(min(5e8, max(num_params, 2**20)))
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum_steps,
+        "gradient_clipping": opt.grad_clip or 0.0,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_optimization": {
+            "stage": train.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: no JIT-compiled CPU Adam op, and the same maths on CPU and GPU.
+            "params": {
+                "lr": opt.lr,
+                "betas": list(opt.betas),
+                "eps": opt.eps,
+                "weight_decay": opt.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, spec: RunSpec) -> deepspeed.DeepSpeedEngine:
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, spec.optimizer.weight_decay),
+        config=deepspeed_config(spec, sum(p.numel() for p in model.parameters())),
+    )
+    return engine
+
+
+def _inner_optimizer(engine: deepspeed.DeepSpeedEngine) -> torch.optim.Optimizer:
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _partitioned(engine: deepspeed.DeepSpeedEngine) -> bool:
+    """ZeRO 1-3 and the bf16 optimizer keep fp32 master fragments behind each parameter."""
+    return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in engine.module.parameters())
+
+
+def optimizer_step_count(engine: deepspeed.DeepSpeedEngine) -> int:
+    for state in _inner_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def _link_fragments(engine: deepspeed.DeepSpeedEngine) -> None:
+    """(Re)link each parameter's fragment view to the flat optimizer state.
+
+    DeepSpeed links all param groups right after the *first* group's first step, when the other
+    groups' state does not exist yet (so their fragments stay empty); linking again once every
+    group has state fixes that.
+    """
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
+
+
+def gather_optimizer_state(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights and Adam moments per parameter name, on every rank (a collective)."""
+    out: dict[str, torch.Tensor] = {}
+    if optimizer_step_count(engine) == 0:
+        return out
+    partitioned = _partitioned(engine)
+    if partitioned:
+        _link_fragments(engine)
+    inner = _inner_optimizer(engine)
+    for name, param in engine.module.named_parameters():
+        if partitioned:
+            out[f"{name}/master"] = safe_get_full_fp32_param(param).detach().cpu().clone()
+            for key in ADAM_STATES:
+                out[f"{name}/{key}"] = (
+                    safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+                )
+        else:
+            state = inner.state[param]
+            out[f"{name}/master"] = param.detach().float().cpu().clone()
+            for key in ADAM_STATES:
+                out[f"{name}/{key}"] = state[key].detach().cpu().clone()
+    return out
+
+
+def _materialise_adam_state(engine: deepspeed.DeepSpeedEngine, step: int) -> None:
+    """Create zero moments so that they can be overwritten (AdamW creates them lazily)."""
+    inner = _inner_optimizer(engine)
+    # ZeRO-3 swaps its flat fp32 partitions into the inner optimizer only during a step.
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    tensors = flat if flat is not None else [p for g in inner.param_groups for p in g["params"]]
+    for p in tensors:
+        state = inner.state[p]
+        state["step"] = torch.tensor(float(step))
+        for key in ADAM_STATES:
+            state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
+    _link_fragments(engine)
+
+
+def load_optimizer_state(
+    engine: deepspeed.DeepSpeedEngine, tensors: dict[str, torch.Tensor], step: int, source: str
+) -> None:
+    """Set master weights and Adam moments from per-parameter full tensors (any saving world size)."""
+    names = [name for name, _ in engine.module.named_parameters()]
+    missing = [
+        f"{n}/{k}" for n in names for k in ("master", *ADAM_STATES) if f"{n}/{k}" not in tensors
+    ]
+    if missing:
+        raise CheckpointError(
+            f"{source}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
+        )
+    _materialise_adam_state(engine, step)
+    partitioned = _partitioned(engine)
+    inner = _inner_optimizer(engine)
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            master = tensors[f"{name}/master"]
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 params are partitioned
+            if tuple(master.shape) != shape:
+                raise CheckpointError(
+                    f"{source}: {name} has shape {tuple(master.shape)}, model has {shape}"
+                )
+            if partitioned:
+                # The model's own weights were loaded before DeepSpeed wrapped it; here only the
+                # fp32 master fragments and the moments are set.
+                safe_set_full_fp32_param(param, master.to(engine.device))
+                for key in ADAM_STATES:
+                    value = tensors[f"{name}/{key}"].to(engine.device)
+                    safe_set_full_optimizer_state(param, value, key)
+            else:
+                param.copy_(master.to(param.dtype))
+                for key in ADAM_STATES:
+                    inner.state[param][key].copy_(tensors[f"{name}/{key}"])
+
+
+def full_model_state(
+    engine: deepspeed.DeepSpeedEngine, rank: int
+) -> dict[str, torch.Tensor] | None:
+    """The model's full weights by HF name on rank 0 (a collective under ZeRO-3), else None."""
+    module = engine.module
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if rank != 0:
+            return None
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    if getattr(module.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # saved once, as Hugging Face does
+    return state

@@ -1,0 +1,253 @@
+"""The training loop that every data-parallel worker runs.
+
+It needs only an initialised ``torch.distributed`` process group (Ray Train sets one up; so can a
+plain multi-process launcher), so the loop itself knows nothing of Ray. One optimizer step:
+
+    batch = this rank's slice of the next global batch of the mixture
+    for each micro-batch: loss per sequence -> backward (DeepSpeed accumulates)
+    DeepSpeed step (clip, AdamW, ZeRO), then losses per source are summed over ranks and logged
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from midtrain.checkpoints import capture_rng_state, restore_rng_state
+from midtrain.config import RunSpec
+from midtrain.data_mixing.sampler import Batch, MixtureSampler
+from midtrain.training.checkpointing import RunCheckpointer, resolve_start
+from midtrain.training.control import StopFlag
+from midtrain.training.engine import (
+    build_engine,
+    full_model_state,
+    gather_optimizer_state,
+    load_optimizer_state,
+    optimizer_step_count,
+)
+from midtrain.training.flops import mfu, peak_flops, training_flops_per_token
+from midtrain.training.metrics import MetricsWriter
+from midtrain.training.model import apply_model_options
+
+
+@dataclass
+class Progress:
+    """What a checkpoint records about where the run is, besides the sampler's own state."""
+
+    step: int = 0
+    tokens: int = 0
+    tokens_by_source: dict[str, int] = field(default_factory=dict)
+
+    def advance(
+        self, loss_sum: torch.Tensor, count: torch.Tensor, sources: list[str], seq_length: int
+    ) -> float:
+        """Count one finished step; returns its mean loss over all sequences of the global batch."""
+        self.step += 1
+        for name, n in zip(sources, count.tolist(), strict=True):
+            self.tokens_by_source[name] += int(n) * seq_length
+        self.tokens += int(count.sum()) * seq_length
+        return float(loss_sum.sum() / count.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "tokens_by_source": self.tokens_by_source}
+
+
+@dataclass
+class Outcome:
+    status: str  # "completed" | "preempted"
+    step: int
+    loss: float | None
+
+
+def sequence_losses(engine: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence in ``tokens`` [B, L+1] -> [B]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = engine(input_ids=inputs).logits
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+    )
+    return losses.view(targets.shape).mean(dim=1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_step(
+    engine: deepspeed.DeepSpeedEngine, batch: Batch, micro_batch_size: int, num_sources: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's batch; returns (loss sum, sequence count) per source,
+    summed over all ranks."""
+    loss_sum = torch.zeros(num_sources, dtype=torch.float64)
+    count = torch.zeros(num_sources, dtype=torch.float64)
+    for i in range(0, batch.tokens.size(0), micro_batch_size):
+        tokens = batch.tokens[i : i + micro_batch_size].to(engine.device)
+        source_ids = batch.source_ids[i : i + micro_batch_size]
+        per_seq = sequence_losses(engine, tokens)
+        engine.backward(per_seq.mean())  # DeepSpeed scales by 1/accumulation steps
+        engine.step()  # steps the optimizer at the accumulation boundary only
+        loss_sum.index_add_(0, source_ids, per_seq.detach().double().cpu())
+        count.index_add_(0, source_ids, torch.ones_like(source_ids, dtype=torch.float64))
+    totals = torch.cat([loss_sum, count])
+    dist.all_reduce(totals)
+    return totals[:num_sources], totals[num_sources:]
+
+
+def train(spec: RunSpec) -> Outcome:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if spec.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(spec.train.seed)
+
+    # Rank 0 re-hashes every file of the start checkpoint; the others then check only sizes.
+    start = resolve_start(spec, verify=True) if rank == 0 else None
+    dist.barrier()
+    if start is None:
+        start = resolve_start(spec, verify=False)
+    model = apply_model_options(start.build_model(), spec.model.activation_checkpointing)
+    engine = build_engine(model, spec)
+    if spec.model.compile:
+        engine.compile()
+    sampler = MixtureSampler(spec.mixture, total_sequences=spec.total_sequences)
+    schedule = spec.schedule.build(
+        peak_lr=spec.optimizer.lr, total_steps=spec.train.max_steps, rewarm_from_lr=start.lr
+    )
+    progress = Progress(tokens_by_source={name: 0 for name in sampler.source_names})
+    if start.optimizer_tensors is not None:
+        load_optimizer_state(engine, start.optimizer_tensors(), start.optimizer_step, start.source)
+    if start.resume_state is not None:
+        state = start.resume_state
+        sampler.load_state_dict(state["sampler"])
+        progress = Progress(state["step"], state["tokens"], dict(state["tokens_by_source"]))
+        restore_rng_state(state["rng"])
+
+    checkpointer = RunCheckpointer(spec, rank, world, start)
+    stop = StopFlag(spec.run_dir)
+    metrics = StepMetrics(spec, engine, sampler.source_names, progress.step) if rank == 0 else None
+    loss, status = None, "completed"
+
+    while progress.step < spec.train.max_steps:
+        t0 = time.perf_counter()
+        step = progress.step
+        lr = schedule.apply(engine.optimizer, step)
+        batch = sampler.next_batch_for_rank(spec.train.global_batch_size, rank, world)
+        loss_sum, count = train_step(
+            engine, batch, spec.train.micro_batch_size, len(sampler.source_names)
+        )
+        loss = progress.advance(loss_sum, count, sampler.source_names, spec.mixture.seq_length)
+        if metrics is not None:
+            metrics.log(
+                progress, loss_sum, count, lr, schedule.phase(step), time.perf_counter() - t0
+            )
+
+        stopping = stop.requested()  # a collective: every rank stops at the same step
+        last = progress.step == spec.train.max_steps
+        if (
+            stopping
+            or last
+            or progress.step % (spec.checkpoint.interval or spec.train.max_steps) == 0
+        ):
+            checkpointer.save(
+                step=progress.step,
+                model=engine.module,
+                model_state=full_model_state(engine, rank),
+                optimizer_tensors=gather_optimizer_state(engine),
+                trainer_state={
+                    **progress.state_dict(),
+                    "sampler": sampler.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "optimizer_step": optimizer_step_count(engine),
+                    "rng": capture_rng_state(),
+                    "rewarm_from_lr": start.lr,
+                    "world_size": world,
+                },
+                lr=lr,
+                phase=schedule.phase(step),
+                loss=loss,
+                blocking=last or stopping or not spec.checkpoint.async_save,
+            )
+        if stopping and not last:
+            status = "preempted"
+            break
+
+    checkpointer.close()
+    if metrics is not None:
+        metrics.close()
+    if rank == 0:
+        stop.write_status(status, progress.step, loss)
+    return Outcome(status, progress.step, loss)
+
+
+class StepMetrics:
+    """Rank 0's per-step record: loss per source, tokens per source, LR, grad norm, speed, MFU."""
+
+    def __init__(
+        self, spec: RunSpec, engine: deepspeed.DeepSpeedEngine, sources: list[str], start_step: int
+    ) -> None:
+        self.engine, self.sources = engine, sources
+        self.tokens_per_step = spec.train.global_batch_size * spec.mixture.seq_length
+        self.flops_per_token = training_flops_per_token(
+            engine.module.config, spec.mixture.seq_length
+        )
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.peak = peak_flops(device, "bf16" if spec.train.precision == "bf16" else "fp32")
+        self.world = spec.workers
+        self.writer = MetricsWriter(spec.run_dir, start_step, spec.train.tensorboard)
+
+    def log(
+        self,
+        progress: Progress,
+        loss_sum: torch.Tensor,
+        count: torch.Tensor,
+        lr: float,
+        phase: str,
+        seconds: float,
+    ) -> None:
+        tokens_per_s = self.tokens_per_step / seconds
+        grad_norm = self.engine.get_global_grad_norm()
+        self.writer.log(
+            {
+                "step": progress.step,
+                "loss": float(loss_sum.sum() / count.sum()),
+                "loss_by_source": {
+                    name: float(loss_sum[j] / count[j])
+                    for j, name in enumerate(self.sources)
+                    if count[j]
+                },
+                "tokens": progress.tokens,
+                "tokens_by_source": dict(progress.tokens_by_source),
+                "lr": lr,
+                "phase": phase,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.peak),
+                "step_time_s": seconds,
+                "time": time.time(),
+            }
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def worker_entry(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: the spec travels as its resolved YAML text."""
+    from midtrain.config import run_spec_from_yaml
+    from midtrain.runtime_env import setup_process
+
+    setup_process()
+    spec = run_spec_from_yaml(config["spec_yaml"], source=str(Path(config["spec_path"])))
+    torch.set_num_threads(spec.launch.cpus_per_worker)
+    StopFlag(spec.run_dir).record_worker_pid(dist.get_rank())
+    train(spec)

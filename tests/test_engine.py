@@ -1,0 +1,122 @@
+"""The DeepSpeed engine's optimizer state, per parameter, across ZeRO stages and precisions:
+saving at step k and resuming gives the same steps after k as an uninterrupted run.
+
+These run the training loop in this process (a one-rank gloo group, no Ray) to cover the stages
+cheaply; the multi-worker paths are in test_training.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from midtrain.checkpoints import load_checkpoint
+from midtrain.config import load_run_spec
+from midtrain.training.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def one_rank_group() -> Any:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _spec(tmp: Path, corpora: dict[str, Path], run: str, stage: int, precision: str) -> Path:
+    spec = {
+        "run_dir": str(tmp / run),
+        "model": {
+            "tokenizer": str(corpora["tokenizer"]),
+            "config": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "ffn_hidden_size": 64,
+            },
+        },
+        "mixture": {
+            "seq_length": 16,
+            "seed": 2,
+            "sources": [
+                {
+                    "name": "legal",
+                    "kind": "customer",
+                    "path": [str(corpora["legal"])],
+                    "weight": 0.5,
+                },
+                {
+                    "name": "general",
+                    "kind": "curated",
+                    "path": [str(corpora["general"])],
+                    "weight": 0.5,
+                },
+            ],
+        },
+        "optimizer": {"lr": 1e-2},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "max_steps": 6,
+            "seed": 3,
+            "zero_stage": stage,
+            "precision": precision,
+        },
+        "checkpoint": {"interval": 3, "keep_last": 5, "async_save": True},
+        "workers": 1,
+    }
+    path = tmp / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("stage", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")]
+)
+def test_resume_is_exact_for_each_stage(
+    tmp_path: Path,
+    prepared_corpora: dict[str, Path],
+    one_rank_group: None,
+    stage: int,
+    precision: str,
+) -> None:
+    from midtrain.training.loop import train
+
+    full = load_run_spec(_spec(tmp_path, prepared_corpora, "full", stage, precision))
+    assert train(full).status == "completed"
+
+    # Resume a copy of the run from its step-3 checkpoint.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step_00000006")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_00000003\n")
+    ckpt = load_checkpoint(resumed_dir)
+    assert ckpt.has_optimizer and ckpt.step == 3
+    keys = ckpt.optimizer_keys()
+    assert any(k.endswith("/exp_avg_sq") for k in keys) and any(k.endswith("/master") for k in keys)
+
+    resumed = full.model_copy(update={"run_dir": str(resumed_dir)})
+    assert train(resumed).status == "completed"
+    a, b = read_metrics(full.run_dir), read_metrics(resumed_dir)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"])
