@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~30 s): do it once here,
 	# not inside the first training run.
-	DS_ACCELERATOR=cpu $(BIN)/python -c "import deepspeed.comm.torch as c; c.build_shm_op()" >/dev/null
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 	touch $(STAMP)
 
 demo: install
