@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -29,6 +31,7 @@ def cli() -> None:
       mix                plan a mixture of customer and curated sources
       ckpt               browse, verify, import and export checkpoints
       schedule / train   plan the learning rate, then train (locally or on a Ray cluster)
+      eval / report      held-out perplexity per source: domain gain vs. forgetting
     """
 
 
@@ -311,6 +314,109 @@ def train(
         extra.append(f"workers={workers}")
     prepared = prepare_run(spec, extra, resume_dir, allow_changed_spec, auto_resume)
     sys.exit(run_on_ray(prepared))
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def _eval_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that choose what to evaluate on, shared by `eval` and `report`."""
+    options = [
+        click.option("--mixture", type=click.Path(dir_okay=False), help="sources from this file"),
+        click.option(
+            "--data", multiple=True, metavar="PREFIX", help="a prepared prefix; repeatable"
+        ),
+        click.option("--seq-length", type=click.IntRange(min=2), help="window length (tokens)"),
+        click.option(
+            "--max-tokens", type=click.IntRange(min=1), help="held-out tokens per source [200000]"
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _evaluate_and_report(
+    paths: list[str], out: str, baseline: str | None, all_checkpoints: bool, **opts: Any
+) -> None:
+    from midtrain.evaluation import (
+        DEFAULT_MAX_TOKENS,
+        EvalOptions,
+        evaluate,
+        print_summary,
+        write_report,
+    )
+
+    options = EvalOptions(
+        mixture=opts["mixture"],
+        data=list(opts["data"]),
+        seq_length=opts["seq_length"],
+        max_tokens=opts["max_tokens"] or DEFAULT_MAX_TOKENS,
+        batch_size=opts["batch_size"],
+        device=opts["device"],
+    )
+    ev = evaluate(paths, options, baseline=baseline, all_checkpoints=all_checkpoints)
+    print_summary(ev)
+    click.echo(f"report: {write_report(ev, out)}")
+
+
+@cli.command("eval")
+@click.argument("path")
+@click.option(
+    "--baseline", metavar="CKPT", help="compare with this checkpoint (default: the start)"
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="report directory")
+@_eval_options
+def eval_cmd(path: str, baseline: str | None, out: str, **opts: Any) -> None:
+    """Held-out perplexity per source of a checkpoint, or of every checkpoint of a run.
+
+    \b
+    midtrain eval runs/legal/checkpoints/step_00000100 --baseline base/ckpt --out reports/legal
+    midtrain eval runs/legal --out reports/legal          (curves over the run's checkpoints)
+
+    The sources (and their held-out splits) come from the run's mixture unless --mixture or --data
+    is given. A run that branched (init_from) is compared with its start checkpoint: domain gain on
+    customer sources, forgetting on curated ones.
+    """
+    _evaluate_and_report([path], out, baseline, all_checkpoints=True, **opts)
+
+
+@cli.command("report")
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--baseline", metavar="CKPT", help="compare every run with this checkpoint")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="report directory")
+@_eval_options
+def report_cmd(run_dirs: tuple[str, ...], baseline: str | None, out: str, **opts: Any) -> None:
+    """Compare several runs side by side: curves, final table, gain vs. forgetting chart."""
+    _evaluate_and_report(list(run_dirs), out, baseline, all_checkpoints=True, **opts)
+
+
+@cli.command("eval-tasks")
+@click.argument("ckpt")
+@click.option("--tasks-dir", required=True, type=click.Path(file_okay=False), help="task YAMLs")
+@click.option("--task", "tasks", multiple=True, required=True, help="task name; repeatable")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--limit", type=click.IntRange(min=1), help="at most this many items per task")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", help="cpu, cuda (default: a GPU if there is one)")
+def eval_tasks(
+    ckpt: str,
+    tasks_dir: str,
+    tasks: tuple[str, ...],
+    out: str,
+    limit: int | None,
+    batch_size: int,
+    device: str | None,
+) -> None:
+    """Downstream tasks with lm-evaluation-harness on the exported model (extra: midtrain[eval])."""
+    from midtrain.evaluation.downstream import run_tasks
+
+    results = run_tasks(
+        ckpt, tasks_dir, list(tasks), out, device=device, batch_size=batch_size, limit=limit
+    )
+    click.echo(json.dumps(results, indent=2, default=str))
 
 
 @cli.command("demo")

@@ -8,13 +8,17 @@ intermediate checkpoints, continue pretraining from one of them on a customer/cu
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from midtrain.console import console
+import yaml
+
+from midtrain.console import console, print_table, table
 from midtrain.errors import MidtrainError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -88,5 +92,53 @@ def run_demo(out: Path, customer_share: float = 0.8) -> Path:
     _run("3. Plan the continued-pretraining mixture", ["mix", "plan", cont, *mix], out)
     _run("   Continue from an intermediate checkpoint on the mixture", ["train", cont, *mix], out)
     _run("   For comparison: from the final checkpoint, customer data only", ["train", cust], out)
-    console.print(f"\ndemo finished in {time.time() - started:.0f} s; runs are in {out / 'runs'}")
+    # The base model is the pretraining run's final (decayed) checkpoint.
+    base_steps = yaml.safe_load(Path(pretrain).read_text(encoding="utf-8"))["train"]["max_steps"]
+    base = f"runs/base/checkpoints/step_{base_steps:08d}"
+    _run(
+        "4. Evaluate every run against the base model; report with plots",
+        ["report", "runs/continue", "runs/customer_only", "runs/base", "--baseline", base]
+        + ["--out", "reports/compare"],
+        out,
+    )
+    report = out / "reports" / "compare"
+    print_results(json.loads((report / "report.json").read_text(encoding="utf-8")))
+    console.print(
+        f"\ndemo finished in {time.time() - started:.0f} s; runs are in {out / 'runs'}, "
+        f"the report is {report / 'report.md'}"
+    )
+    return report
+
+
+def final_perplexities(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Model -> source -> held-out perplexity: the baseline and each run's final checkpoint."""
+    first = report["runs"][0]
+    out = {"base (final)": _ppl(first["baseline"])}
+    for run in report["runs"]:
+        if run["name"] != "base":
+            out[run["name"]] = _ppl(run["checkpoints"][-1])
     return out
+
+
+def _ppl(checkpoint: dict[str, Any]) -> dict[str, float]:
+    return {name: s["perplexity"] for name, s in checkpoint["sources"].items()}
+
+
+def print_results(report: dict[str, Any]) -> None:
+    ppl = final_perplexities(report)
+    base = ppl["base (final)"]
+    rows = [
+        (
+            model,
+            f"{p['legal']:.2f}",
+            f"{p['general']:.2f}",
+            "" if model.startswith("base") else f"{100 * (p['legal'] / base['legal'] - 1):+.1f}%",
+            ""
+            if model.startswith("base")
+            else f"{100 * (p['general'] / base['general'] - 1):+.1f}%",
+        )
+        for model, p in ppl.items()
+    ]
+    columns = ("model", "legal ppl", "general ppl", "legal vs. base", "general vs. base")
+    title = "Held-out perplexity, lower is better (legal: the domain; general: curated)"
+    print_table(table(title, columns, rows))

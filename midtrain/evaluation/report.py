@@ -1,0 +1,212 @@
+"""The evaluation report: ``report.json`` (every number), ``report.md`` (tables, linked charts) and
+the PNG charts, in one output directory. Each file is written atomically; report.md comes last."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from midtrain import console
+from midtrain.console import fmt
+from midtrain.evaluation.compare import Comparison
+from midtrain.evaluation.evaluate import Evaluation, RunEval
+from midtrain.evaluation.plots import write_plots
+from midtrain.fileio import atomic_write_json, atomic_write_text
+
+REPORT_FORMAT = "midtrain.eval/1"
+
+PLOT_TITLES = {
+    "training_loss.png": "Training loss per source",
+    "learning_rate.png": "Learning rate",
+    "heldout_perplexity.png": "Held-out perplexity per source and checkpoint",
+    "gain_vs_forgetting.png": "Domain gain vs. forgetting",
+}
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no NaN: a missing number is null."""
+    return None if x is None or not math.isfinite(x) else x
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return _finite(obj) if isinstance(obj, float) else obj
+
+
+def report_json(ev: Evaluation, plots: list[str]) -> dict[str, Any]:
+    runs = []
+    for run in ev.runs:
+        comparisons = run.comparisons() or [None] * len(run.checkpoints)
+        checkpoints = []
+        for scores, comparison in zip(run.checkpoints, comparisons, strict=True):
+            entry = scores.to_json()
+            entry["comparison"] = comparison.to_json() if comparison is not None else None
+            checkpoints.append(entry)
+        runs.append(
+            {
+                "name": run.name,
+                "run_dir": None if run.run_dir is None else str(run.run_dir),
+                "baseline": run.baseline.to_json() if run.baseline is not None else None,
+                "checkpoints": checkpoints,
+            }
+        )
+    return _clean(
+        {"format": REPORT_FORMAT, "eval_set": ev.eval_set.to_json(), "runs": runs, "plots": plots}
+    )
+
+
+def _table(columns: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _signed(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{0.0 if abs(x) < 5e-5 else x:+.4f}"  # no "-0.0000" for a model against itself
+
+
+def _summary(ev: Evaluation) -> str:
+    rows = []
+    for run in ev.runs:
+        c = compare_final(run)
+        rows.append(
+            [
+                run.name,
+                run.final.step,
+                run.final.tokens,
+                _signed(c.domain_gain if c else None),
+                _signed(c.forgetting if c else None),
+                "" if run.baseline is None else str(run.baseline.path),
+            ]
+        )
+    columns = ["run", "step", "tokens", "domain gain", "forgetting", "baseline"]
+    return _table(columns, rows)
+
+
+def compare_final(run: RunEval) -> Comparison | None:
+    comparisons = run.comparisons()
+    return comparisons[-1] if comparisons else None
+
+
+def _final_detail(run: RunEval) -> str:
+    c = compare_final(run)
+    rows = []
+    for name, s in run.final.scores.items():
+        change = c.changes.get(name) if c else None
+        rows.append(
+            [
+                name,
+                s.kind or "",
+                s.loss,
+                s.perplexity,
+                s.bits_per_byte,
+                run.baseline.scores[name].perplexity if run.baseline else None,
+                change.metric if change else "",
+                _signed(change.value if change else None),
+                f"{change.perplexity_change_pct:+.1f}%" if change else "",
+            ]
+        )
+    columns = ["source", "kind", "loss", "perplexity", "bits/byte", "baseline ppl"]
+    return _table(columns + ["metric", "value", "ppl change"], rows)
+
+
+def _curve(run: RunEval, names: list[str]) -> str:
+    rows = [[c.step, c.tokens, *(c.scores[n].perplexity for n in names)] for c in run.checkpoints]
+    if run.baseline is not None:
+        rows.insert(
+            0,
+            ["baseline", run.baseline.tokens, *(run.baseline.scores[n].perplexity for n in names)],
+        )
+    return _table(["step", "tokens", *(f"{n} ppl" for n in names)], rows)
+
+
+def report_markdown(ev: Evaluation, plots: list[str]) -> str:
+    es = ev.eval_set
+    names = [s.name for s in es.sources]
+    parts = [
+        "# midtrain evaluation report",
+        "",
+        f"Held-out windows of {es.seq_length + 1} tokens (seq_length {es.seq_length}), at most "
+        f"{es.max_tokens:,} predicted tokens per source; every model below is scored on the same "
+        "windows (same sha256). Loss is in nats per token; perplexity = exp(loss); bits per byte "
+        "= total nats / (ln 2 x UTF-8 bytes of the predicted text).",
+        "",
+        _table(
+            ["source", "kind", "tokens", "bytes", "windows", "sha256"],
+            [
+                [
+                    s.name,
+                    s.kind or "",
+                    s.target_tokens,
+                    s.target_bytes,
+                    len(s.windows),
+                    s.digest[:12],
+                ]
+                for s in es.sources
+            ],
+        ),
+        "",
+        "## Summary",
+        "",
+        "Final checkpoint of each run against its baseline. Domain gain = baseline loss - model "
+        "loss on customer sources (higher is better); forgetting = model loss - baseline loss on "
+        "curated sources (lower is better); both averaged over sources, in nats/token.",
+        "",
+        _summary(ev),
+    ]
+    for run in ev.runs:
+        parts += [
+            "",
+            f"## {run.name}",
+            "",
+            f"Final checkpoint: `{run.final.path}` (step {run.final.step}).",
+            "",
+            _final_detail(run),
+        ]
+        if len(run.checkpoints) > 1 or run.baseline is not None:
+            parts += ["", "Held-out perplexity per checkpoint:", "", _curve(run, names)]
+    if plots:
+        parts += ["", "## Charts"]
+        for name in plots:
+            parts += ["", f"### {PLOT_TITLES.get(name, name)}", "", f"![{name}]({name})"]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(ev: Evaluation, out_dir: str | Path) -> Path:
+    """Write the charts, report.json and report.md (last) into ``out_dir``; returns report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = sorted(write_plots(ev, out), key=list(PLOT_TITLES).index)
+    atomic_write_json(out / "report.json", report_json(ev, plots))
+    md = out / "report.md"
+    atomic_write_text(md, report_markdown(ev, plots))
+    return md
+
+
+def print_summary(ev: Evaluation) -> None:
+    """The final checkpoint of each run, per source, as a table on stderr."""
+    for run in ev.runs:
+        c = compare_final(run)
+        rows = []
+        for name, s in run.final.scores.items():
+            change = c.changes.get(name) if c else None
+            rows.append(
+                (
+                    name,
+                    s.kind or "",
+                    s.loss,
+                    s.perplexity,
+                    s.bits_per_byte,
+                    change.metric if change else "",
+                    _signed(change.value if change else None),
+                )
+            )
+        columns = ("source", "kind", "loss", "ppl", "bits/byte", "vs. baseline", "nats/token")
+        title = f"{run.name} (step {run.final.step})"
+        console.print_table(console.table(title, columns, rows))
