@@ -312,6 +312,32 @@ def test_corrupted_checkpoint_is_refused_naming_the_file(runs: dict, tmp_path: P
         evaluate([final(runs["legal"])], OPTS, baseline=bad)
 
 
+def midtrain_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "midtrain.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_eval_writes_a_report_and_exits_nonzero_on_a_bad_checkpoint(
+    runs: dict, tmp_path: Path
+) -> None:
+    options = ["--max-tokens", str(MAX_TOKENS), "--device", "cpu"]
+    done = midtrain_cli("eval", str(runs["legal"]), "--out", str(tmp_path / "r"), *options)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "domain gain" in done.stderr and "forgetting" in done.stderr  # the summary table
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [c["step"] for c in report["runs"][0]["checkpoints"]] == list(STEPS)
+    assert (tmp_path / "r" / "report.md").is_file()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(final(runs["legal"]), bad)
+    (bad / "model.safetensors").write_bytes(b"")
+    done = midtrain_cli("eval", str(bad), "--out", str(tmp_path / "r2"), *options)
+    assert done.returncode != 0 and "model.safetensors" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r2" / "report.md").exists()
+
+
 def prepare(tmp_path: Path, tok: Path, name: str, fraction: float) -> Path:
     corpus = tmp_path / f"{name}.jsonl"
     docs = [f"Clause {i}: the licensee shall keep notice {i} in every copy." for i in range(60)]
@@ -382,13 +408,19 @@ def test_downstream_task_runs_in_lm_eval_on_the_exported_model(
         texts, tasks, "legal_continuation", items=12, context_words=8, continuation_words=4
     )
     ckpt = final(runs["legal"])
-    done = subprocess.run(
-        [sys.executable, "-m", "midtrain.cli", "eval-tasks", str(ckpt)]
-        + ["--tasks-dir", str(tasks), "--task", "legal_continuation"]
-        + ["--out", str(tmp_path / "out"), "--limit", "12", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = midtrain_cli(
+        "eval-tasks",
+        str(ckpt),
+        "--tasks-dir",
+        str(tasks),
+        "--task",
+        "legal_continuation",
+        "--out",
+        str(tmp_path / "out"),
+        "--limit",
+        "12",
+        "--device",
+        "cpu",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
