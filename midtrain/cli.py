@@ -206,12 +206,26 @@ def ckpt_verify(path: str) -> None:
 
 @ckpt.command("prune")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--keep-last", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--keep-last", type=click.IntRange(min=1), help="default: the run spec's checkpoint.keep_last"
+)
 @click.option("--dry-run", is_flag=True, help="only show what would be deleted")
-def ckpt_prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
+def ckpt_prune(run_dir: str, keep_last: int | None, dry_run: bool) -> None:
     """Delete all but the newest N complete checkpoints (and those marked keep, and latest)."""
+    from pathlib import Path
+
+    import yaml
+
     from midtrain.checkpoints import prune
 
+    if keep_last is None:  # the run's own setting, from the spec the trainer saved in the run dir
+        spec_file = Path(run_dir) / "run_spec.yaml"
+        if not spec_file.is_file():
+            raise MidtrainError(f"{spec_file}: not found; give --keep-last N")
+        saved = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
+        keep_last = (saved.get("checkpoint") or {}).get("keep_last")
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise MidtrainError(f"{spec_file}: no checkpoint.keep_last; give --keep-last N")
     for path in prune(run_dir, keep_last, dry_run=dry_run):
         click.echo(f"{'would delete' if dry_run else 'deleted'} {path}")
 

@@ -23,6 +23,10 @@ SUBCOMMANDS = {
     "ckpt": ["list", "show", "verify", "prune", "keep", "import-hf", "export-hf"],
     "schedule": ["plot"],
     "train": [],
+    "eval": [],
+    "report": [],
+    "eval-tasks": [],
+    "demo": [],
 }
 
 
@@ -36,8 +40,8 @@ def test_help_lists_the_users_steps() -> None:
     assert code == 0
     for group, commands in SUBCOMMANDS.items():
         assert group in out
-        for command in commands:
-            code, sub = invoke(group, command, "--help")
+        for command in commands or [None]:
+            code, sub = invoke(group, *([command] if command else []), "--help")
             assert code == 0 and "Usage:" in sub, (group, command)
 
 
@@ -134,3 +138,63 @@ def test_ckpt_list_json_verify_and_export(tiny_run: Path, tmp_path: Path) -> Non
     )
     assert code == 0 and (out_dir / "model.safetensors").is_file()
     assert not (out_dir / "manifest.json").exists()
+
+    code, out = invoke("ckpt", "import-hf", str(out_dir), str(tmp_path / "imported"))
+    assert code == 0
+    code, out = invoke("ckpt", "verify", str(tmp_path / "imported"))
+    assert code == 0 and "verified" in out
+
+
+def midtrain_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "midtrain.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_ckpt_show_keep_and_prune(tiny_run: Path) -> None:
+    first, second = (tiny_run / "checkpoints" / f"step_000000{s}" for s in (10, 20))
+    shown = midtrain_cli("ckpt", "show", str(first), "--json")
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["step"] == 10
+
+    # Without --keep-last the run spec's checkpoint.keep_last decides; this run has none.
+    no_spec = midtrain_cli("ckpt", "prune", str(tiny_run))
+    assert no_spec.returncode != 0 and "--keep-last" in no_spec.stderr
+
+    dry = midtrain_cli("ckpt", "prune", str(tiny_run), "--keep-last", "1", "--dry-run")
+    assert dry.returncode == 0 and f"would delete {first}" in dry.stdout
+    assert first.is_dir()
+
+    assert midtrain_cli("ckpt", "keep", str(first)).returncode == 0
+    kept = midtrain_cli("ckpt", "prune", str(tiny_run), "--keep-last", "1")
+    assert kept.returncode == 0 and "deleted" not in kept.stdout
+    assert first.is_dir() and second.is_dir()
+
+    assert midtrain_cli("ckpt", "keep", str(first), "--unset").returncode == 0
+    (tiny_run / "run_spec.yaml").write_text(
+        yaml.safe_dump({"run_dir": str(tiny_run), "checkpoint": {"keep_last": 1}})
+    )
+    pruned = midtrain_cli("ckpt", "prune", str(tiny_run))
+    assert pruned.returncode == 0 and f"deleted {first}" in pruned.stdout
+    assert not first.exists() and second.is_dir()
+
+
+def test_training_progress_line_shows_loss_per_source_grad_norm_and_mfu() -> None:
+    from midtrain.launch.local import progress_line
+
+    record = {
+        "loss": 2.5,
+        "loss_by_source": {"legal": 2.0, "general": 3.0},
+        "lr": 3e-4,
+        "grad_norm": 1.25,
+        "tokens_per_s": 12345.6,
+        "mfu": 0.125,
+    }
+    line = progress_line(record)
+    for part in ("loss 2.5000", "legal 2.000 general 3.000", "lr 3.00e-04", "gnorm 1.25"):
+        assert part in line
+    assert "12,346 tok/s" in line and "MFU 12.5%" in line
+    bare = progress_line(
+        {**record, "loss_by_source": {"legal": 2.5}, "grad_norm": None, "mfu": None}
+    )
+    assert "legal" not in bare and "gnorm" not in bare and "MFU" not in bare

@@ -271,14 +271,25 @@ def test_strict_fails_on_an_empty_file(tiny_tokenizer: Path, tmp_path: Path) -> 
         prepare(tiny_tokenizer, [good, tmp_path / "empty.txt"], tmp_path / "c", strict=True)
 
 
-def test_missing_input_fails_before_anything_is_written(
+def test_missing_input_is_counted_or_fails_in_strict_mode(
     tiny_tokenizer: Path, tmp_path: Path
 ) -> None:
     good = jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
-    out = tmp_path / "out" / "c"
+    missing = tmp_path / "missing.jsonl"
+    out = tmp_path / "strict" / "c"
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
-        prepare(tiny_tokenizer, [good, tmp_path / "missing.jsonl"], out)
-    assert not out.parent.exists()
+        prepare(tiny_tokenizer, [good, missing], out, strict=True)
+    assert not out.parent.exists()  # checked before anything is written
+
+    stats = prepare(tiny_tokenizer, [good, missing], tmp_path / "lenient" / "c")
+    assert stats["documents"] == 1
+    assert stats["rejected"] == {"missing_file": 1}
+    assert stats["rejected_examples"] == {"missing_file": str(missing)}
+    assert [i["path"] for i in stats["inputs"]] == [str(good)]
+
+    with pytest.raises(DataError, match="none of the inputs exists"):
+        prepare(tiny_tokenizer, [missing], tmp_path / "none" / "c")
+    assert not (tmp_path / "none").exists()
 
 
 def test_all_records_rejected_is_an_error(tiny_tokenizer: Path, tmp_path: Path) -> None:

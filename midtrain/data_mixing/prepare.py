@@ -264,7 +264,8 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
     (or, with ``strict``, the first one is a DataError naming its file and line).
     """
     started = time.perf_counter()
-    sources = expand_inputs(cfg.inputs)
+    rejections = Rejections(strict=cfg.strict, text_field=cfg.text_field)
+    sources = expand_inputs(cfg.inputs, rejections)
     tokenizer = load_tokenizer(cfg.tokenizer)
     eod = eod_id(tokenizer)
     vocab_size = len(tokenizer)
@@ -278,7 +279,6 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     spec = EncodeSpec(cfg.tokenizer, eod, dtype.name, cfg.text_field, cfg.holdout_fraction)
-    rejections = Rejections(strict=cfg.strict, text_field=cfg.text_field)
     per_source = [0] * len(sources)
     train = IndexedWriter(prefix, vocab_size, tmp_dir=work)
     holdout = IndexedWriter(holdout_prefix(prefix), vocab_size, tmp_dir=work)

@@ -31,6 +31,7 @@ SUPPORTED = "jsonl, json, jsonl.gz, json.gz, parquet, txt or a saved HF dataset"
 
 # Why a record was rejected -> what the user is told ({field} is the text field's name).
 REASONS = {
+    "missing_file": "no such file or directory",
     "empty_file": "empty file",  # no record at all: 0 bytes, or only blank lines
     "invalid_json": "not valid JSON",
     "not_an_object": "not a JSON object",
@@ -101,11 +102,13 @@ def describe(reason: str, text_field: str = "text") -> str:
 # --- finding inputs -----------------------------------------------------------------------------
 
 
-def expand_inputs(inputs: list[str]) -> list[Source]:
+def expand_inputs(inputs: list[str], rejections: Rejections | None = None) -> list[Source]:
     """Files, directories and globs -> the sources to read, in a stable order, without duplicates.
 
-    Every input is checked before anything is read: a missing path, a glob that matches nothing,
-    an unsupported file or a directory without any corpus file is a DataError naming it.
+    Every input is checked before anything is read. A missing file is counted under
+    ``missing_file`` in ``rejections`` (an error in strict mode, or without ``rejections``); a glob
+    that matches nothing, an unsupported file or a directory without any corpus file is a
+    DataError naming it, as is a list where no input exists at all.
     """
     if not inputs:
         raise DataError("no input given")
@@ -125,11 +128,16 @@ def expand_inputs(inputs: list[str]) -> list[Source]:
             ]
         elif os.path.exists(path):
             found = _sources_at(path, given)
+        elif rejections is not None:
+            rejections.add("missing_file", given)  # raises in strict mode
+            continue
         else:
             raise DataError(f"{given}: no such file or directory")
         if not found:
             raise DataError(f"{given}: holds no corpus file ({SUPPORTED})")
         sources.extend(found)
+    if not sources:
+        raise DataError(f"none of the inputs exists: {', '.join(inputs)}")
     return list(dict.fromkeys(sources))  # each file once, where it first appears
 
 

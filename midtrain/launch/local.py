@@ -158,13 +158,26 @@ def _show_progress(prepared: PreparedRun, fitting: threading.Thread) -> None:
             if not records:
                 continue
             last = records[-1]
-            extra = (
-                f"loss {last['loss']:.4f}  lr {last['lr']:.2e}  {last['tokens_per_s']:,.0f} tok/s"
-            )
+            extra = progress_line(last)
             progress.update(task, completed=last["step"], extra=extra)
             if progress.disable and last["step"] >= shown + every:
                 shown = last["step"]
                 console.print(f"step {last['step']}/{total}  {extra}")
+
+
+def progress_line(record: dict) -> str:
+    """One metrics record as a short line: loss (and per source), lr, grad norm, tokens/s, MFU."""
+    parts = [f"loss {record['loss']:.4f}"]
+    by_source = record.get("loss_by_source") or {}
+    if len(by_source) > 1:
+        parts.append(" ".join(f"{name} {loss:.3f}" for name, loss in by_source.items()))
+    parts.append(f"lr {record['lr']:.2e}")
+    if record.get("grad_norm") is not None:
+        parts.append(f"gnorm {record['grad_norm']:.2f}")
+    parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    return "  ".join(parts)
 
 
 def _summary(prepared: PreparedRun, status: dict, seconds: float) -> None:
