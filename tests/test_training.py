@@ -8,6 +8,7 @@ uninterrupted run's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -254,6 +255,83 @@ def test_resume_on_one_worker_continues_the_global_stream(
         # differs (one rank accumulates what two ranks all-reduced). Stated tolerance: 1e-4.
         assert a["tokens_by_source"] == b["tokens_by_source"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_zero3_sigterm_then_resume_on_one_worker_with_a_new_lr(
+    tmp_path: Path, prepared_corpora: dict[str, Path], ray_address: str
+) -> None:
+    """ZeRO-3 shards the parameters and optimizer over 2 workers; SIGTERM checkpoints; the run
+    resumes on 1 worker (resharded) with a new peak LR, which wins over the checkpoint's; the
+    TensorBoard option writes event files."""
+    spec = run_spec(
+        tmp_path,
+        prepared_corpora,
+        "zero3",
+        train__zero_stage=3,
+        train__tensorboard=True,
+        checkpoint__interval=100,  # so the only mid-run checkpoint is the one SIGTERM makes
+    )
+    run_dir = tmp_path / "zero3"
+    proc = midtrain(ray_address, "train", str(spec))
+    wait_for_step(run_dir, 6, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == 75, out
+    stopped = load_checkpoint(run_dir).step
+    assert 6 <= stopped < STEPS
+    before = read_metrics(run_dir)
+
+    # optimizer.* breaks exactness: refused without the flag, accepted with it, and then used.
+    refused = finish(midtrain(ray_address, "train", "--resume", str(run_dir), "optimizer.lr=1e-3"))
+    assert refused[0] == 2 and "--allow-changed-spec" in refused[1]
+    out = run_ok(
+        ray_address,
+        "train",
+        "--resume",
+        str(run_dir),
+        "optimizer.lr=1e-3",
+        "--workers",
+        "1",
+        "--allow-changed-spec",
+    )
+    assert "optimizer.lr: 0.003 -> 0.001  (breaks exact resume)" in out
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[:stopped] == before[:stopped]
+    new = ScheduleConfig(kind="wsd", warmup_steps=4, decay_fraction=0.25).build(
+        peak_lr=1e-3, total_steps=STEPS
+    )
+    assert [r["lr"] for r in records[stopped:]] == [new.lr(s) for s in range(stopped, STEPS)]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_continued_pretraining_from_an_exported_hugging_face_model(
+    tmp_path: Path, prepared_corpora: dict[str, Path], ray_address: str, reference: Path
+) -> None:
+    """model.from_checkpoint on a plain HF directory (as `ckpt import-hf` users have): the run
+    starts from those weights, not from scratch, and keeps learning."""
+    from midtrain.checkpoints import export_hf
+
+    hf_dir = export_hf(load_checkpoint(reference).path, tmp_path / "hf")
+    spec = run_spec(
+        tmp_path,
+        prepared_corpora,
+        "from_hf",
+        model={"from_checkpoint": str(hf_dir)},
+        train__max_steps=8,
+        workers=1,
+    )
+    run_ok(ray_address, "train", str(spec))
+    records = read_metrics(tmp_path / "from_hf")
+    scratch = read_metrics(reference)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # Same data order as the reference (same seeds): on the same first batch, the loss is well
+    # below the fresh model's and nearer to where the reference ended than where it began.
+    first, start, end = records[0]["loss"], scratch[0]["loss"], scratch[-1]["loss"]
+    assert first < start - 0.5
+    assert abs(first - end) < abs(first - start)
+    assert load_checkpoint(tmp_path / "from_hf").manifest.parent == str(hf_dir)
 
 
 def test_branch_rewarms_and_draws_the_planned_proportions(
