@@ -22,6 +22,7 @@ from midtrain.config_io import (
 )
 from midtrain.data_mixing.mixture import MixtureConfig
 from midtrain.errors import ConfigError
+from midtrain.training.parallel import backend_unavailable, layout_problem, shape_problem
 from midtrain.training.schedule import ScheduleConfig
 
 
@@ -106,6 +107,9 @@ class TrainConfig(StrictModel):
     log_interval: int = Field(default=1, gt=0)
     tensorboard: bool = False
     deterministic: bool = Field(default=True, description="deterministic kernels (exact resume)")
+    backend: Literal["deepspeed", "megatron"] = Field(
+        default="deepspeed", description="deepspeed (HF model, ZeRO) or megatron (megatron-core)"
+    )
 
 
 class CheckpointConfig(StrictModel):
@@ -126,6 +130,13 @@ class LaunchConfig(StrictModel):
     use_gpu: bool | None = Field(default=None, description="default: when CUDA is available")
 
 
+class ParallelConfig(StrictModel):
+    """Model parallelism (megatron backend): the rest of ``workers`` is data parallel."""
+
+    tensor: int = Field(default=1, gt=0, description="tensor-parallel size: GPUs per layer")
+    pipeline: int = Field(default=1, gt=0, description="pipeline-parallel stages")
+
+
 class RunSpec(StrictModel):
     run_dir: AbsPath
     model: ModelConfig
@@ -136,8 +147,11 @@ class RunSpec(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    workers: int = Field(default=1, gt=0, description="data-parallel workers")
+    workers: int = Field(
+        default=1, gt=0, description="worker processes, one per GPU (data x tensor x pipeline)"
+    )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
@@ -150,12 +164,32 @@ class RunSpec(StrictModel):
             raise ValueError(
                 "model: give model.config (a new model), model.from_checkpoint, or init_from"
             )
-        t = self.train
-        per_step = t.micro_batch_size * self.workers
+        t, par = self.train, self.parallel
+        if problem := layout_problem(
+            t.backend, par.tensor, par.pipeline, self.workers, self.launch.use_gpu
+        ):
+            raise ValueError(problem)
+        if self.model.config is not None and (
+            problem := shape_problem(
+                par.tensor,
+                par.pipeline,
+                self.model.config.num_heads,
+                self.model.config.num_kv_heads or self.model.config.num_heads,
+                self.model.config.num_layers,
+            )
+        ):
+            raise ValueError(problem)
+        per_step = t.micro_batch_size * self.data_parallel_size
         if t.global_batch_size % per_step:
+            workers = (
+                "workers"
+                if self.data_parallel_size == self.workers
+                else "data-parallel size (workers / (parallel.tensor x parallel.pipeline))"
+            )
             raise ValueError(
                 f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size x workers ({t.micro_batch_size} x {self.workers})"
+                f"train.micro_batch_size x {workers} "
+                f"({t.micro_batch_size} x {self.data_parallel_size})"
             )
         if problem := self.schedule.steps_error(t.max_steps):
             raise ValueError(problem)
@@ -165,7 +199,13 @@ class RunSpec(StrictModel):
                 f"mixture.tokens ({self.mixture.tokens}) disagrees with train.max_steps x "
                 f"train.global_batch_size x seq_length ({run_tokens}); leave mixture.tokens out"
             )
+        if problem := backend_unavailable(t.backend):
+            raise ValueError(problem)
         return self
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.workers // (self.parallel.tensor * self.parallel.pipeline)
 
     @property
     def total_sequences(self) -> int:
@@ -173,14 +213,24 @@ class RunSpec(StrictModel):
 
     @property
     def grad_accum_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.workers)
+        return self.train.global_batch_size // (
+            self.train.micro_batch_size * self.data_parallel_size
+        )
 
     def to_yaml(self) -> str:
         return dump_yaml(self)
 
 
 # Keys whose change makes a resumed run diverge from the uninterrupted one.
-EXACTNESS_KEYS = ("mixture", "model", "train.global_batch_size", "train.seed", "optimizer")
+EXACTNESS_KEYS = (
+    "mixture",
+    "model",
+    "train.global_batch_size",
+    "train.seed",
+    "optimizer",
+    "train.backend",
+    "parallel",
+)
 
 
 def _inline_mixture(data: dict[str, Any], source: str) -> None:

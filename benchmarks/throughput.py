@@ -1,0 +1,366 @@
+"""Training throughput on one GPU: tokens/s, MFU and peak memory of a ~1B Llama at sequence length
+2048 in bf16, for three training steps over the same model shape in the same run. Prints JSON.
+
+    .venv/bin/python benchmarks/throughput.py [--backends plain,deepspeed,megatron]
+        [--micro-batch 4] [--steps 20] [--warmup 5] [--no-compile] [--preset 1b|tiny]
+
+* ``plain``: the reference. A plain PyTorch loop over the HF model: fp32 weights, bf16 autocast,
+  ``torch.compile``, fused AdamW, grad clipping; midtrain's own loss function.
+* ``deepspeed``: the DeepSpeed engine exactly as ``midtrain.training.engine.build_engine`` builds
+  it from a run spec (bf16, ZeRO-1), stepped as the trainer's loop steps it.
+* ``megatron``: megatron-core's ``GPTModel`` (Transformer Engine spec if installed, otherwise the
+  local spec with SDPA attention), megatron's DDP and distributed optimizer (bf16, fp32 master
+  weights and gradient reduction).
+
+Each backend runs in its own process (one GPU, world size 1), so one's memory and compile caches
+do not touch another's. Batches are random tokens already on the GPU: this measures the model
+step, not data loading. Step times are wall-clock over ``--steps`` steps after ``--warmup``, with
+one synchronisation at each end (the steps themselves never wait for the host). MFU uses the
+trainer's formula (``midtrain.training.flops``) against the GPU's dense bf16 peak; peak memory is
+``torch.cuda.max_memory_allocated`` over the whole process.
+
+Without a CUDA GPU it measures nothing and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BACKENDS = ("plain", "deepspeed", "megatron")
+
+# Llama 3.2 1B's shape (1.24B parameters, tied embeddings), with plain RoPE: the RoPE scaling
+# variant changes no FLOPs. "tiny" is for checking the code paths quickly on a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "1b": {
+        "hidden_size": 2048,
+        "num_layers": 16,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "ffn_hidden_size": 8192,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_embeddings": True,
+    },
+    "tiny": {
+        "hidden_size": 256,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "ffn_hidden_size": 688,
+        "vocab_size": 4096,
+        "tie_embeddings": True,
+    },
+}
+
+NO_GPU = (
+    "benchmarks/throughput.py needs a CUDA GPU: torch.cuda.is_available() is False here "
+    "(torch {version}). Nothing was measured."
+)
+
+
+# --- shared ---------------------------------------------------------------------------------------
+
+
+def run_spec(args: argparse.Namespace) -> Any:
+    """A run spec for the benchmark's shape: what the trainer would be given (paths are unused)."""
+    from midtrain.config import RunSpec
+    from midtrain.config_io import validate
+
+    data = {
+        "run_dir": "benchmark-run",
+        "model": {
+            "tokenizer": "unused",
+            "config": PRESETS[args.preset],
+            "compile": args.compile,
+        },
+        "mixture": {
+            "seq_length": args.seq_length,
+            "sources": [{"name": "random", "kind": "curated", "path": ["unused"], "weight": 1.0}],
+        },
+        "optimizer": {"lr": 3e-4, "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"kind": "constant"},
+        "train": {
+            "global_batch_size": args.micro_batch,
+            "micro_batch_size": args.micro_batch,
+            "max_steps": args.warmup + args.steps,
+            "precision": "bf16",
+            "zero_stage": 1,
+            "deterministic": False,
+        },
+        "workers": 1,
+    }
+    return validate(RunSpec, data, "benchmarks/throughput.py")
+
+
+def hf_config(spec: Any) -> Any:
+    from midtrain.training.model import llama_config
+
+    shape = spec.model.config
+    return llama_config(shape, shape.vocab_size, spec.mixture.seq_length, "sdpa")
+
+
+def random_batches(n: int, batch: int, seq: int, vocab: int) -> list[torch.Tensor]:
+    """``n`` batches of ``seq + 1`` random tokens (inputs and their next tokens), on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq + 1), device="cuda", generator=g) for _ in range(n)]
+
+
+def timed(step: Any, batches: list[torch.Tensor], warmup: int) -> tuple[float, list[float]]:
+    """Run ``step`` over the batches; seconds over the batches after ``warmup``, and the losses."""
+    losses = []
+    for tokens in batches[:warmup]:
+        losses.append(step(tokens))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for tokens in batches[warmup:]:
+        losses.append(step(tokens))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, [float(x) for x in losses]  # .item() only now: no host sync inside the loop
+
+
+def init_single_gpu_process_group() -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+
+
+# --- the three backends ---------------------------------------------------------------------------
+
+
+def plain_step(spec: Any) -> Any:
+    from midtrain.training.loop import sequence_losses
+    from midtrain.training.model import build_model, parameter_groups
+
+    model = build_model(hf_config(spec), seed=1).cuda()
+    opt = torch.optim.AdamW(
+        parameter_groups(model, spec.optimizer.weight_decay),
+        lr=spec.optimizer.lr,
+        betas=spec.optimizer.betas,
+        fused=True,
+    )
+    forward = torch.compile(model) if spec.model.compile else model
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sequence_losses(forward, tokens).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def deepspeed_step(spec: Any) -> Any:
+    from midtrain.training.engine import build_engine
+    from midtrain.training.loop import sequence_losses
+    from midtrain.training.model import apply_model_options, build_model
+
+    init_single_gpu_process_group()
+    model = apply_model_options(build_model(hf_config(spec), seed=1), False)
+    engine = build_engine(model, spec)
+    if spec.model.compile:
+        engine.compile()  # as the trainer's loop does
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        loss = sequence_losses(engine, tokens).mean()
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    return step
+
+
+def megatron_step(spec: Any) -> Any:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from midtrain.training.megatron_model import build_gpt_model, have_transformer_engine
+
+    init_single_gpu_process_group()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(1)
+    layer_spec = "te" if have_transformer_engine() else "local"
+    gpt = build_gpt_model(
+        hf_config(spec),
+        dtype=torch.bfloat16,
+        spec=layer_spec,
+        max_sequence_length=spec.mixture.seq_length,
+    )
+    model = DistributedDataParallel(
+        config=gpt.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=True
+        ),
+        module=gpt,
+    )
+    opt = spec.optimizer
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.betas[0],
+            adam_beta2=opt.betas[1],
+            adam_eps=opt.eps,
+            clip_grad=opt.grad_clip,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            use_distributed_optimizer=True,
+        ),
+        [model],
+    )
+    seq = spec.mixture.seq_length
+    positions = torch.arange(seq, device="cuda").expand(spec.train.micro_batch_size, seq)
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        # GPTModel computes the per-token loss itself when given labels: [b, s].
+        per_token = model(tokens[:, :-1], positions, attention_mask=None, labels=tokens[:, 1:])
+        loss = per_token.float().mean()
+        loss.backward()
+        model.finish_grad_sync()
+        optimizer.step()
+        return loss.detach()
+
+    step.layer_spec = layer_spec  # type: ignore[attr-defined]
+    return step
+
+
+STEPS = {"plain": plain_step, "deepspeed": deepspeed_step, "megatron": megatron_step}
+
+
+def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One backend, in this process."""
+    from midtrain.training.flops import mfu, peak_flops, training_flops_per_token
+
+    spec = run_spec(args)
+    torch.manual_seed(1)
+    step = STEPS[backend](spec)
+    seq, batch = spec.mixture.seq_length, spec.train.micro_batch_size
+    vocab = spec.model.config.vocab_size
+    seconds, losses = timed(
+        step, random_batches(args.warmup + args.steps, batch, seq, vocab), args.warmup
+    )
+    tokens_per_s = args.steps * batch * seq / seconds
+    flops = training_flops_per_token(hf_config(spec), seq)
+    result = {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": mfu(tokens_per_s, flops, peak_flops("cuda", "bf16")),
+        "step_time_s": round(seconds / args.steps, 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    if hasattr(step, "layer_spec"):
+        result["layer_spec"] = step.layer_spec
+    return result
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+
+def run_child(backend: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure ``backend`` in a fresh process; a failure is reported, not fatal to the others."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--child", backend, "--child-out", str(out), *args.argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
+        return json.loads(out.read_text())
+
+
+def summary(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from midtrain.training.flops import non_embedding_params, training_flops_per_token
+
+    spec = run_spec(args)
+    config = hf_config(spec)
+    embedding = config.vocab_size * config.hidden_size
+    plain = results.get("plain", {}).get("tokens_per_s")
+    for name, r in results.items():
+        if name != "plain" and plain and "tokens_per_s" in r:
+            r["speedup_vs_plain"] = round(r["tokens_per_s"] / plain, 3)
+    return {
+        "benchmark": "throughput",
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "model": {
+            "preset": args.preset,
+            "parameters": non_embedding_params(config) + embedding,
+            "flops_per_token": training_flops_per_token(config, args.seq_length),
+            **PRESETS[args.preset],
+        },
+        "seq_length": args.seq_length,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "results": results,
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    # What a child process is given: the measurement settings, not the driver's own choices.
+    args.argv = [
+        f"--preset={args.preset}",
+        f"--seq-length={args.seq_length}",
+        f"--micro-batch={args.micro_batch}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        *([] if args.compile else ["--no-compile"]),
+    ]
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print(NO_GPU.format(version=torch.__version__), file=sys.stderr)
+        return 2
+    if args.child:
+        Path(args.child_out).write_text(json.dumps(measure(args.child, args)))
+        return 0
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        print(f"--backends: unknown {', '.join(unknown)}; choose from {BACKENDS}", file=sys.stderr)
+        return 2
+    results = {backend: run_child(backend, args) for backend in backends}
+    print(json.dumps(summary(args, results), indent=2))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,454 @@
+"""Hugging Face Llama-family weights <-> megatron-core ``GPTModel`` weights, and their tensor-parallel
+shards.
+
+Pure tensor bookkeeping: nothing here imports megatron-core, so conversions run (and are tested)
+anywhere. The names and layouts are those of megatron-core 0.16's ``GPTModel`` built with
+``get_gpt_layer_local_spec`` ("local": torch-native modules) or
+``get_gpt_layer_with_transformer_engine_spec`` ("te"):
+
+=====================================  ===============================================  ==========
+Hugging Face                           megatron-core                                    TP split
+=====================================  ===============================================  ==========
+model.embed_tokens.weight              embedding.word_embeddings.weight                 rows
+layers.i.input_layernorm.weight        local: decoder.layers.i.input_layernorm.weight   replicated
+                                       te: ...self_attention.linear_qkv.layer_norm_weight
+layers.i.self_attn.{q,k,v}_proj        decoder.layers.i.self_attention.linear_qkv       rows
+                                         (weight and, Qwen2, bias; interleaved per group)
+layers.i.self_attn.{q,k}_norm          ...self_attention.{q,k}_layernorm.weight (Qwen3) replicated
+layers.i.self_attn.o_proj.weight       ...self_attention.linear_proj.weight             columns
+layers.i.post_attention_layernorm      local: decoder.layers.i.pre_mlp_layernorm.weight replicated
+                                       te: ...mlp.linear_fc1.layer_norm_weight
+layers.i.mlp.{gate,up}_proj.weight     ...mlp.linear_fc1.weight  ([gate; up])           gate|up
+layers.i.mlp.down_proj.weight          ...mlp.linear_fc2.weight                         columns
+model.norm.weight                      decoder.final_layernorm.weight                   replicated
+lm_head.weight (untied only)           output_layer.weight                              rows
+=====================================  ===============================================  ==========
+
+The fused QKV matrix is megatron's grouped layout: for each of the ``num_kv_heads`` query groups,
+that group's query heads, then its key head, then its value head (``q1 q2 k1 v1 | q3 q4 k2 v2``),
+which is how ``SelfAttention.get_query_key_value_tensors`` splits it. Because whole groups are
+contiguous, a tensor-parallel shard of it is a contiguous block of rows holding
+``num_kv_heads / tp`` groups. ``linear_fc1`` holds gate then up (megatron's ``glu`` applies the
+activation to the first half); its shard on each rank is that rank's gate rows then its up rows.
+
+Both directions use the same rotary convention (HF's ``rotate_half`` = megatron's
+``rotary_interleaved=False``), so query and key rows are not permuted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from midtrain.errors import CheckpointError
+
+LayerSpec = Literal["local", "te"]
+Split = Literal["rows", "columns", "glu", "replicated"]
+
+HF_EMBED = "model.embed_tokens.weight"
+HF_NORM = "model.norm.weight"
+HF_LM_HEAD = "lm_head.weight"
+MC_EMBED = "embedding.word_embeddings.weight"
+MC_NORM = "decoder.final_layernorm.weight"
+MC_OUTPUT = "output_layer.weight"
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Buffers that some HF checkpoints store and every loader recomputes.
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
+# Megatron's usual padding: the vocabulary is a multiple of 128 x TP, so matmuls tile well and the
+# vocab-parallel embedding and output layer split evenly.
+VOCAB_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """The tensor shapes of a Llama-family decoder (all that a weight conversion needs)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    tie_embeddings: bool
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> GPTShape:
+        """The shape of a ``transformers`` Llama/Mistral/Qwen2/Qwen3 config (or its dict)."""
+        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"model_type {model_type!r}: the megatron converter handles "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        # Biases megatron's GPTModel can only express together with MLP biases: refused rather
+        # than converted wrongly.
+        if model_type in ("llama", "mistral") and get("attention_bias", False):
+            raise CheckpointError(f"{model_type} with attention_bias is not supported")
+        if get("mlp_bias", False):
+            raise CheckpointError("mlp_bias is not supported")
+        if get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"hidden_act {get('hidden_act')!r}: only silu (SwiGLU)")
+        heads = get("num_attention_heads")
+        return cls(
+            num_layers=get("num_hidden_layers"),
+            hidden_size=get("hidden_size"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            ffn_hidden_size=get("intermediate_size"),
+            vocab_size=get("vocab_size"),
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+        )
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """The smallest multiple of ``multiple * tensor_parallel`` that holds ``vocab_size`` rows."""
+    step = multiple * tensor_parallel
+    return -(-vocab_size // step) * step
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def _hf_layer(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        "attn_norm": p + "input_layernorm.weight",
+        "q": p + "self_attn.q_proj.weight",
+        "k": p + "self_attn.k_proj.weight",
+        "v": p + "self_attn.v_proj.weight",
+        "q_bias": p + "self_attn.q_proj.bias",
+        "k_bias": p + "self_attn.k_proj.bias",
+        "v_bias": p + "self_attn.v_proj.bias",
+        "q_norm": p + "self_attn.q_norm.weight",
+        "k_norm": p + "self_attn.k_norm.weight",
+        "o": p + "self_attn.o_proj.weight",
+        "mlp_norm": p + "post_attention_layernorm.weight",
+        "gate": p + "mlp.gate_proj.weight",
+        "up": p + "mlp.up_proj.weight",
+        "down": p + "mlp.down_proj.weight",
+    }
+
+
+def _mc_layer(i: int, spec: LayerSpec) -> dict[str, str]:
+    p = f"decoder.layers.{i}."
+    if spec == "te":  # the norms live inside TE's fused LayerNormLinear modules
+        attn_norm = p + "self_attention.linear_qkv.layer_norm_weight"
+        mlp_norm = p + "mlp.linear_fc1.layer_norm_weight"
+    elif spec == "local":
+        attn_norm = p + "input_layernorm.weight"
+        mlp_norm = p + "pre_mlp_layernorm.weight"
+    else:
+        raise ValueError(f"layer spec must be 'local' or 'te', got {spec!r}")
+    return {
+        "attn_norm": attn_norm,
+        "qkv": p + "self_attention.linear_qkv.weight",
+        "qkv_bias": p + "self_attention.linear_qkv.bias",
+        "q_norm": p + "self_attention.q_layernorm.weight",
+        "k_norm": p + "self_attention.k_layernorm.weight",
+        "proj": p + "self_attention.linear_proj.weight",
+        "mlp_norm": mlp_norm,
+        "fc1": p + "mlp.linear_fc1.weight",
+        "fc2": p + "mlp.linear_fc2.weight",
+    }
+
+
+def tensor_parallel_split(name: str) -> Split:
+    """How megatron-core splits the tensor ``name`` across tensor-parallel ranks.
+
+    Column-parallel layers (QKV, fc1, embedding and output rows) split their output rows,
+    row-parallel ones (``linear_proj``, ``linear_fc2``) their input columns; norms are replicated.
+    """
+    if name.endswith(("layernorm.weight", "layer_norm_weight")):
+        return "replicated"
+    if name.endswith("mlp.linear_fc1.weight"):
+        return "glu"
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return "columns"
+    if name in (MC_EMBED, MC_OUTPUT) or name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return "rows"
+    raise CheckpointError(f"{name}: not a tensor of a Llama-shaped megatron-core GPTModel")
+
+
+# --- checked access ------------------------------------------------------------------------------
+
+
+class _Tensors:
+    """A state dict being consumed: missing, misshapen and left-over tensors are errors that name
+    the key and the state dict."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], where: str, ignored: Sequence[str] = ()
+    ) -> None:
+        self.tensors = tensors
+        self.where = where
+        self.used: set[str] = {k for k in tensors if k.endswith(tuple(ignored))}
+
+    def take(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.where}: missing tensor {key}")
+        tensor = self.tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(
+                f"{self.where}: {key} has shape {tuple(tensor.shape)}, the model shape needs "
+                f"{shape}"
+            )
+        self.used.add(key)
+        return tensor
+
+    def finish(self) -> None:
+        extra = sorted(k for k in self.tensors if k not in self.used)
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(
+                f"{self.where}: unexpected tensor {extra[0]}{more} for this model shape"
+            )
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if rows == tensor.shape[0]:
+        return tensor
+    # Padding rows are zeros: embeddings no real token uses, and output logits of 0 that a
+    # trainer must mask or learn down; they are cut off again on the way back to HF.
+    pad = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
+def _check_padding(shape: GPTShape, padded_vocab: int | None) -> int:
+    if padded_vocab is None:
+        return shape.vocab_size
+    if padded_vocab < shape.vocab_size:
+        raise ValueError(
+            f"padded_vocab_size ({padded_vocab}) is smaller than vocab_size ({shape.vocab_size})"
+        )
+    return padded_vocab
+
+
+# --- QKV and SwiGLU layouts ----------------------------------------------------------------------
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: GPTShape) -> torch.Tensor:
+    """Separate q/k/v projections (weights ``[heads*d, H]`` or biases ``[heads*d]``) -> megatron's
+    per-group interleaved QKV."""
+    groups, d = shape.num_kv_heads, shape.head_dim
+    rest = q.shape[1:]
+    parts = (
+        q.reshape(groups, shape.heads_per_group * d, *rest),
+        k.reshape(groups, d, *rest),
+        v.reshape(groups, d, *rest),
+    )
+    return torch.cat(parts, dim=1).reshape(shape.qkv_rows, *rest)
+
+
+def split_qkv(
+    qkv: torch.Tensor, shape: GPTShape
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's interleaved QKV -> (q, k, v) in Hugging Face's layout; inverse of ``fuse_qkv``."""
+    groups, d = shape.num_kv_heads, shape.head_dim
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(groups, (shape.heads_per_group + 2) * d, *rest)
+    q, k, v = torch.split(grouped, [shape.heads_per_group * d, d, d], dim=1)
+    return (
+        q.reshape(shape.num_heads * d, *rest),
+        k.reshape(groups * d, *rest),
+        v.reshape(groups * d, *rest),
+    )
+
+
+# --- HF <-> megatron-core -------------------------------------------------------------------------
+
+
+def hf_to_mcore(
+    hf: Mapping[str, torch.Tensor],
+    shape: GPTShape,
+    spec: LayerSpec = "local",
+    *,
+    padded_vocab_size: int | None = None,
+    where: str = "the Hugging Face weights",
+) -> dict[str, torch.Tensor]:
+    """A full (unsharded) megatron-core ``GPTModel`` state dict from an HF causal-LM state dict.
+
+    Tensors keep their dtype. With tied embeddings an ``lm_head.weight`` may be present (some
+    checkpoints store it) but must equal the embedding. ``padded_vocab_size`` pads the embedding
+    (and output) rows with zeros, as megatron's vocab-parallel layers need for TP sizes that do
+    not divide the vocabulary.
+    """
+    src = _Tensors(hf, where, _IGNORED_HF_SUFFIXES)
+    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
+    vocab = _check_padding(shape, padded_vocab_size)
+    embed = src.take(HF_EMBED, (shape.vocab_size, h))
+    out: dict[str, torch.Tensor] = {MC_EMBED: _pad_rows(embed, vocab)}
+    for i in range(shape.num_layers):
+        a, m = _hf_layer(i), _mc_layer(i, spec)
+        q = src.take(a["q"], (shape.num_heads * d, h))
+        k = src.take(a["k"], (shape.num_kv_heads * d, h))
+        v = src.take(a["v"], (shape.num_kv_heads * d, h))
+        out[m["attn_norm"]] = src.take(a["attn_norm"], (h,))
+        out[m["qkv"]] = fuse_qkv(q, k, v, shape)
+        if shape.qkv_bias:
+            qb = src.take(a["q_bias"], (shape.num_heads * d,))
+            kb = src.take(a["k_bias"], (shape.num_kv_heads * d,))
+            vb = src.take(a["v_bias"], (shape.num_kv_heads * d,))
+            out[m["qkv_bias"]] = fuse_qkv(qb, kb, vb, shape)
+        if shape.qk_norm:
+            out[m["q_norm"]] = src.take(a["q_norm"], (d,))
+            out[m["k_norm"]] = src.take(a["k_norm"], (d,))
+        out[m["proj"]] = src.take(a["o"], (h, shape.num_heads * d))
+        out[m["mlp_norm"]] = src.take(a["mlp_norm"], (h,))
+        gate, up = src.take(a["gate"], (f, h)), src.take(a["up"], (f, h))
+        out[m["fc1"]] = torch.cat([gate, up])
+        out[m["fc2"]] = src.take(a["down"], (h, f))
+    out[MC_NORM] = src.take(HF_NORM, (h,))
+    if shape.tie_embeddings:
+        if HF_LM_HEAD in hf and not torch.equal(src.take(HF_LM_HEAD, (shape.vocab_size, h)), embed):
+            raise CheckpointError(
+                f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
+            )
+    else:
+        out[MC_OUTPUT] = _pad_rows(src.take(HF_LM_HEAD, (shape.vocab_size, h)), vocab)
+    src.finish()
+    return out
+
+
+def mcore_to_hf(
+    mc: Mapping[str, torch.Tensor],
+    shape: GPTShape,
+    spec: LayerSpec = "local",
+    *,
+    padded_vocab_size: int | None = None,
+    where: str = "the megatron-core weights",
+) -> dict[str, torch.Tensor]:
+    """An HF causal-LM state dict from a full megatron-core ``GPTModel`` state dict (the inverse of
+    ``hf_to_mcore``). Tied models get no ``lm_head.weight``, as HF saves them. Megatron's
+    ``_extra_state`` entries (TE's FP8 metadata, None for the local spec) carry no weights and
+    are skipped."""
+    src = _Tensors(mc, where, ("._extra_state",))
+    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
+    vocab = _check_padding(shape, padded_vocab_size)
+    out: dict[str, torch.Tensor] = {HF_EMBED: src.take(MC_EMBED, (vocab, h))[: shape.vocab_size]}
+    for i in range(shape.num_layers):
+        a, m = _hf_layer(i), _mc_layer(i, spec)
+        out[a["attn_norm"]] = src.take(m["attn_norm"], (h,))
+        out[a["q"]], out[a["k"]], out[a["v"]] = split_qkv(
+            src.take(m["qkv"], (shape.qkv_rows, h)), shape
+        )
+        if shape.qkv_bias:
+            bias = src.take(m["qkv_bias"], (shape.qkv_rows,))
+            out[a["q_bias"]], out[a["k_bias"]], out[a["v_bias"]] = split_qkv(bias, shape)
+        if shape.qk_norm:
+            out[a["q_norm"]] = src.take(m["q_norm"], (d,))
+            out[a["k_norm"]] = src.take(m["k_norm"], (d,))
+        out[a["o"]] = src.take(m["proj"], (h, shape.num_heads * d))
+        out[a["mlp_norm"]] = src.take(m["mlp_norm"], (h,))
+        out[a["gate"]], out[a["up"]] = src.take(m["fc1"], (2 * f, h)).chunk(2)
+        out[a["down"]] = src.take(m["fc2"], (h, f))
+    out[HF_NORM] = src.take(MC_NORM, (h,))
+    if not shape.tie_embeddings:
+        out[HF_LM_HEAD] = src.take(MC_OUTPUT, (vocab, h))[: shape.vocab_size]
+    src.finish()
+    # Slices and chunks are views into the fused tensors: contiguous copies save and load cleanly.
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# --- tensor parallel ------------------------------------------------------------------------------
+
+
+def _split_problem(name: str, tensor: torch.Tensor, split: Split, tp: int, shape: GPTShape) -> str:
+    if split == "rows" and "linear_qkv" in name:
+        if shape.num_kv_heads % tp:
+            return f"num_kv_heads ({shape.num_kv_heads}) is not divisible by tensor parallel {tp}"
+        return ""
+    size = {"rows": tensor.shape[0], "glu": tensor.shape[0] // 2, "columns": tensor.shape[-1]}
+    if split != "replicated" and size[split] % tp:
+        hint = " (pad the vocabulary: padded_vocab_size)" if name in (MC_EMBED, MC_OUTPUT) else ""
+        return f"dimension {size[split]} is not divisible by tensor parallel {tp}{hint}"
+    return ""
+
+
+def shard_tensor_parallel(
+    mc: Mapping[str, torch.Tensor], shape: GPTShape, tp: int
+) -> list[dict[str, torch.Tensor]]:
+    """Split a full megatron-core state dict into the ``tp`` state dicts of the tensor-parallel
+    ranks (rank r's is element r), as each rank's ``GPTModel`` holds them."""
+    if tp < 1:
+        raise ValueError(f"tensor parallel size must be at least 1, got {tp}")
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for name, tensor in mc.items():
+        if name.endswith("._extra_state"):
+            continue
+        split = tensor_parallel_split(name)
+        if problem := _split_problem(name, tensor, split, tp, shape):
+            raise CheckpointError(f"{name}: {problem}")
+        if split == "replicated":
+            pieces = [tensor] * tp
+        elif split == "rows":
+            pieces = list(tensor.chunk(tp, dim=0))
+        elif split == "columns":
+            pieces = list(tensor.chunk(tp, dim=-1))
+        else:  # glu: each rank holds its slice of gate followed by its slice of up
+            gate, up = tensor.chunk(2, dim=0)
+            pieces = [torch.cat(p) for p in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
+        for shard, piece in zip(shards, pieces, strict=True):
+            shard[name] = piece.clone()
+    return shards
+
+
+def unshard_tensor_parallel(
+    shards: Sequence[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """The full state dict from the tensor-parallel ranks' state dicts (inverse of
+    ``shard_tensor_parallel``). Replicated tensors must agree across ranks."""
+    if not shards:
+        raise ValueError("no shards")
+    names = [n for n in shards[0] if not n.endswith("._extra_state")]
+    for rank, shard in enumerate(shards[1:], start=1):
+        have = {n for n in shard if not n.endswith("._extra_state")}
+        if diff := sorted(have.symmetric_difference(names)):
+            raise CheckpointError(
+                f"tensor-parallel rank {rank}: its tensors differ from rank 0's ({diff[0]})"
+            )
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        pieces = [shard[name] for shard in shards]
+        split = tensor_parallel_split(name)
+        if split == "replicated":
+            for rank, piece in enumerate(pieces[1:], start=1):
+                if not torch.equal(piece, pieces[0]):
+                    raise CheckpointError(
+                        f"{name}: replicated across tensor-parallel ranks, but rank {rank}'s "
+                        f"copy differs from rank 0's"
+                    )
+            out[name] = pieces[0].clone()
+        elif split == "rows":
+            out[name] = torch.cat(pieces, dim=0)
+        elif split == "columns":
+            out[name] = torch.cat(pieces, dim=-1)
+        else:
+            halves = [p.chunk(2, dim=0) for p in pieces]
+            out[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return out
