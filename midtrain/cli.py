@@ -32,6 +32,7 @@ def cli() -> None:
       ckpt               browse, verify, import and export checkpoints
       schedule / train   plan the learning rate, then train (locally or on a Ray cluster)
       eval / report      held-out perplexity per source: domain gain vs. forgetting
+      slurm / jobs       run on a Slurm or Ray cluster; job status, logs, stop
     """
 
 
@@ -300,6 +301,11 @@ def schedule_plot(spec: str, overrides: tuple[str, ...], out: str) -> None:
 @click.option(
     "--allow-changed-spec", is_flag=True, help="resume despite changes that break exactness"
 )
+@click.option(
+    "--ray-address",
+    metavar="URL",
+    help="submit to this Ray cluster's Jobs API (http://head:8265; or RAY_ADDRESS=http://...)",
+)
 def train(
     spec: str | None,
     overrides: tuple[str, ...],
@@ -307,25 +313,40 @@ def train(
     resume_dir: str | None,
     auto_resume: bool,
     allow_changed_spec: bool,
+    ray_address: str | None,
 ) -> None:
     """Train: pretrain, branch from a checkpoint (init_from), or resume a run.
 
     \b
     midtrain train run.yaml [key.sub=value ...]     a new run (embedded local Ray)
     midtrain train --resume RUN_DIR                 continue a run exactly
-    RAY_ADDRESS=host:6379 midtrain train run.yaml   drive it on an existing Ray cluster
+    midtrain train run.yaml --ray-address http://head:8265
+                                                    submit it as a job to a Ray cluster
+    RAY_ADDRESS=host:6379 midtrain train run.yaml   drive it from here on a Ray cluster
 
     Exit status: 0 completed, 75 stopped by SIGTERM/SIGUSR1 with a checkpoint saved (requeue to
-    resume), 1 failed, 2 bad input.
+    resume), 1 failed, 2 bad input. A Ray job returns its driver's status.
     """
-    from midtrain.launch.local import run_on_ray
-    from midtrain.launch.start import prepare_run
+    from midtrain.launch.ray_cluster import env_jobs_address, submit_run
 
     extra = list(overrides)
     if spec is not None and "=" in spec and not spec.endswith((".yaml", ".yml")):
         spec, extra = None, [spec, *extra]  # `midtrain train --resume DIR key=value`
     if workers is not None:
         extra.append(f"workers={workers}")
+    address = ray_address or env_jobs_address()
+    if address is None and spec is not None:  # the spec may name a cluster's Jobs address too
+        from midtrain.config import load_run_spec
+        from midtrain.launch.ray_cluster import is_jobs_address
+
+        named = load_run_spec(spec, extra).launch.ray_address
+        address = named if is_jobs_address(named) else None
+    if address is not None:
+        sys.exit(submit_run(address, spec, extra, resume_dir, auto_resume, allow_changed_spec))
+
+    from midtrain.launch.local import run_on_ray
+    from midtrain.launch.start import prepare_run
+
     prepared = prepare_run(spec, extra, resume_dir, allow_changed_spec, auto_resume)
     sys.exit(run_on_ray(prepared))
 
@@ -431,6 +452,136 @@ def eval_tasks(
         ckpt, tasks_dir, list(tasks), out, device=device, batch_size=batch_size, limit=limit
     )
     click.echo(json.dumps(results, indent=2, default=str))
+
+
+# --- clusters -----------------------------------------------------------------------------------
+
+
+def _slurm_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The job's shape and Slurm settings, shared by `slurm render` and `slurm submit`."""
+    options = [
+        click.argument("spec", type=click.Path(dir_okay=False)),
+        click.argument("overrides", nargs=-1),
+        click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--gpus-per-node", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--partition", help="a partition, or a comma-separated list"),
+        click.option("--time", "time_limit", metavar="TIME", help="limit: MIN, H:M:S, D-H:M:S"),
+        click.option("--account", help="the account to charge"),
+        click.option("--job-name", help="default: midtrain-<run dir name>"),
+        click.option(
+            "--cpus-per-node", type=click.IntRange(min=1), help="CPUs per node [Slurm's default]"
+        ),
+        click.option(
+            "--signal-seconds",
+            type=click.IntRange(min=10),
+            default=300,
+            show_default=True,
+            help="SIGUSR1 (checkpoint, requeue) this long before the time limit",
+        ),
+        click.option(
+            "--extra-sbatch",
+            multiple=True,
+            metavar="--OPT=VALUE",
+            help="another #SBATCH option, e.g. --constraint=h100; repeatable",
+        ),
+        click.option(
+            "--env",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="exported in the job (NCCL_*, HF_HOME, ...); repeatable",
+        ),
+        click.option("--python", help="the nodes' Python with midtrain [this one]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _render_args(opts: dict[str, Any]) -> tuple[str, list[str], Any]:
+    from midtrain.launch.slurm import SlurmOptions
+
+    options = SlurmOptions(
+        nodes=opts["nodes"],
+        gpus_per_node=opts["gpus_per_node"],
+        partition=opts["partition"],
+        time=opts["time_limit"],
+        account=opts["account"],
+        job_name=opts["job_name"],
+        cpus_per_node=opts["cpus_per_node"],
+        signal_seconds=opts["signal_seconds"],
+        extra_sbatch=tuple(opts["extra_sbatch"]),
+        env=tuple(opts["env"]),
+        **({"python": opts["python"]} if opts["python"] else {}),
+    )
+    return opts["spec"], list(opts["overrides"]), options
+
+
+@cli.group()
+def slurm() -> None:
+    """Run on a Slurm cluster: one job with a Ray cluster inside, requeued on preemption."""
+
+
+@slurm.command("render")
+@_slurm_options
+def slurm_render(**opts: Any) -> None:
+    """Print the batch script for a run spec (every value in it validated)."""
+    from midtrain.launch.slurm import render_job
+
+    click.echo(render_job(*_render_args(opts)).script, nl=False)
+
+
+@slurm.command("submit")
+@_slurm_options
+def slurm_submit(**opts: Any) -> None:
+    """Submit the run as a Slurm job; prints the job id (the script is kept in RUN_DIR/slurm/)."""
+    from midtrain.console import console
+    from midtrain.launch.slurm import submit_job
+
+    job_id, script = submit_job(*_render_args(opts))
+    console.print(f"submitted Slurm job {job_id} ({script}); `midtrain jobs logs {job_id}`")
+    click.echo(job_id)
+
+
+RAY_ADDRESS_OPTION = click.option(
+    "--ray-address", metavar="URL", help="for Ray jobs: http://head:8265 [RAY_ADDRESS]"
+)
+
+
+@cli.group()
+def jobs() -> None:
+    """Cluster runs: Slurm job ids (numbers) and Ray job ids (midtrain-...)."""
+
+
+@jobs.command("status")
+@click.argument("job_id", required=False)
+@RAY_ADDRESS_OPTION
+def jobs_status(job_id: str | None, ray_address: str | None) -> None:
+    """One job's state, or midtrain's jobs on Slurm and on the Ray cluster."""
+    from midtrain.launch.jobs import show_status
+
+    show_status(job_id, ray_address)
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="keep printing until the job ends")
+@RAY_ADDRESS_OPTION
+def jobs_logs(job_id: str, follow: bool, ray_address: str | None) -> None:
+    """A job's output (a Slurm job's log file, a Ray job's driver log)."""
+    from midtrain.launch.jobs import show_logs
+
+    show_logs(job_id, ray_address, follow)
+
+
+@jobs.command("stop")
+@click.argument("job_id")
+@click.option("--force", is_flag=True, help="Slurm: cancel at once, without a checkpoint")
+@RAY_ADDRESS_OPTION
+def jobs_stop(job_id: str, force: bool, ray_address: str | None) -> None:
+    """Stop a job: it saves a checkpoint and ends (resume it later); no requeue."""
+    from midtrain.launch.jobs import stop_job
+
+    stop_job(job_id, ray_address, force)
 
 
 @cli.command("demo")

@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "report": [],
     "eval-tasks": [],
     "demo": [],
+    "slurm": ["render", "submit"],
+    "jobs": ["status", "logs", "stop"],
 }
 
 

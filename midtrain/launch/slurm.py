@@ -1,0 +1,262 @@
+"""Slurm: render the Ray-on-Slurm batch script for a run spec, and submit it with ``sbatch``.
+
+Every value that reaches the script is validated first and rejected with the field's name. Quoting
+is not enough on its own: a newline in a value would start a new ``#SBATCH`` line or command,
+and ``#SBATCH`` lines are parsed by sbatch, not by a shell. So each field has an allow-list of
+characters (Slurm names, times, options), control characters are refused everywhere, and values
+that go into shell code are also quoted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from midtrain.errors import ConfigError, MidtrainError
+
+TEMPLATE_NAME = "midtrain.sbatch"
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")  # partition, account, job name
+SLURM_NAMES = re.compile(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*")  # a partition list
+# M, M:S, H:M:S, D-H, D-H:M, D-H:M:S, or no limit
+SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE")
+# An sbatch option: --name or --name=value; values may hold constraint expressions (a100|h100)
+# and lists, but no quotes, spaces, `$`, backticks, `;`, `<`, `>` or backslashes.
+SBATCH_OPTION = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:=/@%+*&|!()\[\]-]+)?")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Paths on an #SBATCH line (the job's log) cannot be quoted there; `%` is sbatch's pattern sign.
+SBATCH_PATH = re.compile(r"[A-Za-z0-9_./+@:,=-]+")
+# Options midtrain sets itself: a second value from --extra-sbatch would silently win or clash.
+OWN_OPTIONS = {
+    "--nodes",
+    "-N",
+    "--ntasks-per-node",
+    "--gpus-per-node",
+    "--requeue",
+    "--no-requeue",
+    "--signal",
+    "--output",
+    "-o",
+    "--error",
+    "-e",
+    "--open-mode",
+    "--job-name",
+    "-J",
+    "--partition",
+    "-p",
+    "--time",
+    "-t",
+    "--account",
+    "-A",
+    "--cpus-per-task",
+    "-c",
+    "--comment",
+}
+# `midtrain jobs status` lists the Slurm jobs whose comment starts with this.
+COMMENT_PREFIX = "midtrain:"
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What the user chose for the job; everything else comes from the run spec."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    job_name: str | None = None
+    cpus_per_node: int | None = None  # Slurm CPUs per node (--cpus-per-task); default: Slurm's
+    signal_seconds: int = 300  # SIGUSR1 this long before the time limit: time to checkpoint
+    extra_sbatch: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()  # KEY=VALUE exported in the job (NCCL_*, HF_HOME, ...)
+    python: str = field(default_factory=lambda: sys.executable)
+
+
+@dataclass(frozen=True)
+class RenderedJob:
+    script: str
+    run_dir: Path
+    log_dir: Path
+
+
+def check_text(fieldname: str, value: str, pattern: re.Pattern[str] | None = None) -> str:
+    """Reject control characters anywhere, and anything outside ``pattern`` when given."""
+    bad = CONTROL_CHARS.search(value)
+    if bad:
+        raise ConfigError(
+            f"{fieldname}: control character {bad.group()!r} is not allowed (value {value!r})"
+        )
+    if pattern is not None and not pattern.fullmatch(value):
+        raise ConfigError(f"{fieldname}: {value!r} has characters that are not allowed here")
+    return value
+
+
+def _check_option(value: str) -> str:
+    check_text("--extra-sbatch", value, SBATCH_OPTION)
+    name = value.split("=", 1)[0]
+    if name in OWN_OPTIONS:
+        raise ConfigError(f"--extra-sbatch: {name} is set by midtrain; use its own option")
+    return value
+
+
+def _check_env(value: str) -> tuple[str, str]:
+    check_text("--env", value)
+    name, sep, val = value.partition("=")
+    if not sep or not ENV_NAME.fullmatch(name):
+        raise ConfigError(f"--env: expected KEY=VALUE with a shell variable name, got {value!r}")
+    return name, val
+
+
+def check_numbers(o: SlurmOptions) -> SlurmOptions:
+    if o.nodes < 1:
+        raise ConfigError(f"--nodes: must be at least 1, got {o.nodes}")
+    if o.gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node: must be 0 or more, got {o.gpus_per_node}")
+    if o.cpus_per_node is not None and o.cpus_per_node < 1:
+        raise ConfigError(f"--cpus-per-node: must be at least 1, got {o.cpus_per_node}")
+    if o.signal_seconds < 10:
+        raise ConfigError(f"--signal-seconds: must be at least 10, got {o.signal_seconds}")
+    limit = time_limit_seconds(o.time) if o.time is not None else None
+    if limit is not None and o.signal_seconds >= limit:
+        # The signal would come at the start of every run: checkpoint, requeue, forever.
+        raise ConfigError(
+            f"--signal-seconds: {o.signal_seconds} s must be less than --time {o.time} ({limit} s)"
+        )
+    return o
+
+
+def time_limit_seconds(value: str) -> int | None:
+    """A Slurm time limit in seconds (None: no limit); raises naming --time if malformed."""
+    check_text("--time", value, SLURM_TIME)
+    if value in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:  # H:M:S
+        h, m, sec = parts
+    else:  # M, M:S
+        h, m, sec = 0, parts[0], parts[1] if len(parts) == 2 else 0
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+
+
+def sbatch_lines(options: SlurmOptions, job_name: str, log_dir: Path) -> list[str]:
+    o = check_numbers(options)
+    check_text("--job-name", job_name, SLURM_NAME)
+    check_text("run_dir (the job's log directory)", str(log_dir), SBATCH_PATH)
+    lines = [
+        f"--job-name={job_name}",
+        f"--nodes={o.nodes}",
+        "--ntasks-per-node=1",
+        "--requeue",
+        f"--signal=B:USR1@{o.signal_seconds}",
+        f"--output={log_dir}/slurm-%j.out",
+        "--open-mode=append",  # a requeued job appends to the same log
+        f"--comment={COMMENT_PREFIX}{log_dir.parent}",  # its run dir, for `midtrain jobs status`
+    ]
+    if o.gpus_per_node:
+        lines.append(f"--gpus-per-node={o.gpus_per_node}")
+    if o.cpus_per_node is not None:
+        lines.append(f"--cpus-per-task={o.cpus_per_node}")
+    if o.partition is not None:
+        lines.append(f"--partition={check_text('--partition', o.partition, SLURM_NAMES)}")
+    if o.time is not None:
+        lines.append(f"--time={check_text('--time', o.time, SLURM_TIME)}")
+    if o.account is not None:
+        lines.append(f"--account={check_text('--account', o.account, SLURM_NAME)}")
+    lines.extend(_check_option(extra) for extra in o.extra_sbatch)
+    return ["#SBATCH " + line for line in lines]
+
+
+def template_path() -> Path:
+    # slurm/ sits next to the package in a source checkout; an installed wheel ships a copy.
+    for candidate in (
+        Path(__file__).resolve().parents[2] / "slurm" / TEMPLATE_NAME,
+        Path(sys.prefix) / "share" / "midtrain" / "slurm" / TEMPLATE_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    raise MidtrainError(f"the sbatch template {TEMPLATE_NAME} was not found next to midtrain")
+
+
+def render_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> RenderedJob:
+    """The batch script for this run spec (+ overrides), after validating every value in it."""
+    from midtrain.config import load_run_spec
+
+    check_numbers(options)
+    for value in overrides:
+        check_text("override", value)
+    check_text("run spec path", spec_path)
+    check_text("--python", options.python)
+    spec_file = Path(spec_path).resolve()
+    spec = load_run_spec(str(spec_file), list(overrides))
+    run_dir = Path(spec.run_dir)
+    check_text("run_dir", str(run_dir))
+    gpus_total = options.nodes * options.gpus_per_node
+    if options.gpus_per_node and spec.workers > gpus_total:
+        raise ConfigError(
+            f"workers: {spec.workers} data-parallel workers need a GPU each, but the job has "
+            f"{options.nodes} node(s) x {options.gpus_per_node} GPU(s) = {gpus_total}"
+        )
+    workers_per_node = -(-spec.workers // options.nodes)
+    ray_cpus = options.cpus_per_node or workers_per_node * spec.launch.cpus_per_worker + 1
+
+    log_dir = run_dir / "slurm"
+    job_name = options.job_name or f"midtrain-{run_dir.name}"
+    if options.job_name is None:  # derived from the run dir: keep only what Slurm accepts
+        job_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", job_name)
+    header = sbatch_lines(options, job_name, log_dir)
+
+    train_args = [str(spec_file), *overrides]
+    if spec.launch.ray_address is not None:
+        # The driver joins the job's own Ray head ($RAY_ADDRESS, set by the script), never the
+        # cluster the spec names.
+        train_args.append("launch.ray_address=null")
+    exports = [f"export {name}={shlex.quote(val)}" for name, val in map(_check_env, options.env)]
+    values = {
+        "SBATCH": "\n".join(header),
+        "PYTHON": shlex.quote(options.python),
+        "RUN_DIR": shlex.quote(str(run_dir)),
+        "TRAIN_ARGS": " ".join(shlex.quote(a) for a in train_args),
+        "RAY_CPUS": str(ray_cpus),
+        "RAY_GPUS": str(options.gpus_per_node),
+        "EXPORTS": "\n".join(exports),
+    }
+    script = template_path().read_text(encoding="utf-8")
+    for key, value in values.items():
+        script = script.replace("{{" + key + "}}", value)
+    leftover = re.search(r"\{\{[A-Z_]+\}\}", script)
+    if leftover:  # a template edited without the renderer: never submit a half-filled script
+        raise MidtrainError(f"{template_path()}: unknown placeholder {leftover.group()}")
+    return RenderedJob(script=script, run_dir=run_dir, log_dir=log_dir)
+
+
+def sbatch_command() -> str:
+    path = shutil.which("sbatch")
+    if path is None:
+        raise MidtrainError("sbatch was not found: run this on a Slurm login node")
+    return path
+
+
+def submit_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> tuple[str, Path]:
+    """Render, save the script under RUN_DIR/slurm/, submit it; returns (job id, script path)."""
+    job = render_job(spec_path, overrides, options)
+    sbatch = sbatch_command()
+    job.log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
+    script = job.log_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    script.write_text(job.script, encoding="utf-8")
+    done = subprocess.run(
+        [sbatch, "--parsable", str(script)], capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise MidtrainError(f"sbatch failed: {done.stderr.strip() or done.stdout.strip()}")
+    job_id = done.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+    return job_id, script

@@ -1,0 +1,358 @@
+"""Slurm launch: script validation, and real jobs on a real one-node Slurm cluster (munged,
+slurmctld, slurmd started by ``tests/slurm_cluster.py``) that each run a Ray cluster and
+``midtrain train`` inside the job.
+
+The three jobs (uninterrupted, preempted with SIGUSR1, over its time limit) are submitted together
+at the start of the module; each takes the whole node, so Slurm runs them one after another.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
+from test_training import exact_view, final_weights, run_spec
+
+from midtrain.checkpoints import list_checkpoints
+from midtrain.cli import cli
+from midtrain.errors import ConfigError
+from midtrain.launch.slurm import SlurmOptions, render_job
+from midtrain.training.control import read_status
+from midtrain.training.metrics import read_metrics
+
+JOB_TIMEOUT = 240  # seconds a test waits for its job, queueing and requeues included
+# Long enough (a few seconds of steps) that a preemption sent from here lands mid-run; the tiny
+# model's step takes ~40 ms.
+STEPS = 240
+LONG = {"train__max_steps": STEPS, "checkpoint__interval": 40}
+TIMELIMIT_STEPS = 5000  # minutes: the time limit comes first
+
+
+def midtrain(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MIDTRAIN_NO_PROGRESS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "midtrain.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# --- validation: no Slurm needed ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict[str, Path]) -> Path:
+    return run_spec(tmp_path_factory.mktemp("render"), prepared_corpora, "render")
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"partition": "gpu\n#SBATCH --uid=0"}, "--partition"),
+        ({"partition": "gpu;reboot"}, "--partition"),
+        ({"account": "lab\rother"}, "--account"),
+        ({"account": "lab\x00"}, "--account"),
+        ({"time": "1:00:00\n"}, "--time"),
+        ({"time": "$(reboot)"}, "--time"),
+        ({"job_name": "run`id`"}, "--job-name"),
+        ({"extra_sbatch": ("--mem=10G\n#SBATCH --uid=0",)}, "--extra-sbatch"),
+        ({"extra_sbatch": ("--comment=$(id)",)}, "--extra-sbatch"),
+        ({"extra_sbatch": ("--output=/tmp/x",)}, "--extra-sbatch"),
+        ({"extra_sbatch": ("--comment=mine",)}, "--extra-sbatch"),
+        ({"extra_sbatch": ("--mem=10G --uid=0",)}, "--extra-sbatch"),
+        ({"env": ("NCCL_DEBUG=INFO\nrm -rf /",)}, "--env"),
+        ({"env": ("1BAD=x",)}, "--env"),
+        ({"python": "/usr/bin/python3\n"}, "--python"),
+        ({"python": "/opt/py\tthon"}, "--python"),
+        ({"job_name": "a b"}, "--job-name"),
+        ({"nodes": 0}, "--nodes"),
+        ({"cpus_per_node": 0}, "--cpus-per-node"),
+        ({"signal_seconds": 5}, "--signal-seconds"),
+        ({"time": "5", "signal_seconds": 300}, "--signal-seconds"),  # due before it starts
+        ({"gpus_per_node": 1, "nodes": 1}, "workers"),  # 2 workers, 1 GPU
+    ],
+)
+def test_render_rejects_unsafe_values_naming_the_field(
+    spec: Path, options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        render_job(str(spec), [], SlurmOptions(**options))
+
+
+def test_render_rejects_a_control_character_in_an_override(spec: Path) -> None:
+    with pytest.raises(ConfigError, match="override"):
+        render_job(str(spec), ["train.seed=1\nscancel -u root"], SlurmOptions())
+
+
+def test_render_rejects_a_run_dir_that_cannot_go_on_an_sbatch_line(spec: Path) -> None:
+    with pytest.raises(ConfigError, match="run_dir"):
+        render_job(str(spec), ["run_dir=/tmp/a b"], SlurmOptions())
+
+
+def test_shell_code_in_values_stays_data(spec: Path) -> None:
+    script = render_job(
+        str(spec), ["launch.ray_address=$(reboot)"], SlurmOptions(env=("NOTE=`id`; $(reboot)",))
+    ).script
+    assert "'launch.ray_address=$(reboot)'" in script and "export NOTE='`id`; $(reboot)'" in script
+
+
+def test_a_cluster_named_in_the_spec_gives_way_to_the_jobs_own(spec: Path) -> None:
+    script = render_job(
+        str(spec), ["launch.ray_address=http://elsewhere:8265"], SlurmOptions(time="UNLIMITED")
+    ).script
+    assert "launch.ray_address=null" in script and "#SBATCH --time=UNLIMITED" in script
+
+
+def test_rendered_script_is_valid_bash_with_the_requested_options(spec: Path) -> None:
+    options = SlurmOptions(
+        nodes=2,
+        gpus_per_node=1,
+        partition="gpu,gpu-long",
+        time="1-02:00:00",
+        account="lab",
+        signal_seconds=120,
+        extra_sbatch=("--constraint=a100|h100", "--exclusive"),
+        env=("NCCL_SOCKET_IFNAME=ib0", "WANDB_NOTES=it's a test"),
+    )
+    script = render_job(str(spec), ["train.seed=3"], options).script
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    for expected in (
+        "--nodes=2",
+        "--gpus-per-node=1",
+        "--partition=gpu,gpu-long",
+        "--time=1-02:00:00",
+        "--account=lab",
+        "--requeue",
+        "--signal=B:USR1@120",
+        "--constraint=a100|h100",
+        "--exclusive",
+    ):
+        assert f"#SBATCH {expected}" in sbatch
+    assert "export WANDB_NOTES='it'\"'\"'s a test'" in script
+    assert re.search(r"TRAIN_ARGS=\(\S+render\.yaml train\.seed=3\)", script)
+    assert "{{" not in script
+    checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_cli_render_exits_2_naming_the_field(spec: Path) -> None:
+    done = midtrain("slurm", "render", str(spec), "--partition", "a\nb")
+    assert done.returncode == 2
+    assert "--partition" in done.stderr and "#SBATCH" not in done.stdout
+
+
+def test_cli_commands_have_help() -> None:
+    for args in (
+        ["slurm", "render"],
+        ["slurm", "submit"],
+        ["jobs", "status"],
+        ["jobs", "logs"],
+        ["jobs", "stop"],
+        ["train"],
+    ):
+        result = CliRunner().invoke(cli, [*args, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, args
+    assert "--ray-address" in CliRunner().invoke(cli, ["train", "--help"]).output
+    assert "slurm / jobs" in CliRunner().invoke(cli, ["--help"]).output
+
+
+def test_cli_render_prints_the_script(spec: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["slurm", "render", str(spec), "--nodes", "2", "--extra-sbatch", "--exclusive"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("#!/bin/bash") and "#SBATCH --nodes=2" in result.output
+
+
+def test_jobs_need_a_ray_address_for_a_ray_job_id() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "midtrain.cli", "jobs", "logs", "midtrain-x-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--ray-address" in done.stderr
+
+
+# --- real jobs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    # Not under pytest's tmp dir: munged runs as the munge user, who cannot enter that (0700).
+    root = Path(tempfile.mkdtemp(prefix="midtrain-slurm-"))
+    try:
+        cluster = start_cluster(root)
+    except SlurmUnavailable as exc:
+        if os.environ.get("MIDTRAIN_REQUIRE_SLURM") == "1":
+            pytest.fail(f"MIDTRAIN_REQUIRE_SLURM=1 but Slurm cannot run here: {exc}")
+        pytest.skip(f"Slurm cannot run here: {exc}")
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.env)
+    yield cluster
+    subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=30)
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
+
+
+def submit(spec: Path, *options: str) -> str:
+    # Each job takes the whole (2-CPU) node: Slurm runs them one after another, as Ray start-up
+    # beside a training run on 2 cores can time out.
+    cpus = str(os.cpu_count() or 1)
+    done = midtrain("slurm", "submit", str(spec), "--time", "10", "--cpus-per-node", cpus, *options)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit(), done.stdout
+    return job_id
+
+
+def in_queue(job_id: str) -> bool:
+    out = subprocess.run(
+        ["squeue", "--noheader", "--format=%T", "--jobs", job_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return bool(out.strip())
+
+
+def job_field(job_id: str, key: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True
+    ).stdout
+    match = re.search(rf"\b{key}=(\S*)", out)
+    return match.group(1) if match else ""
+
+
+def job_log(run_dir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(run_dir.glob("slurm/*.out")))
+
+
+def wait_until(check, what: str, slurm: SlurmCluster, run_dir: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out: {what}\n{job_log(run_dir)}\n{slurm.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def jobs(
+    slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict
+) -> Iterator[dict[str, tuple[str, Path]]]:
+    """All three jobs, submitted at once (Slurm queues them): name -> (job id, run dir)."""
+    tmp = tmp_path_factory.mktemp("slurm_runs")
+    submitted = {}
+    for name, extra, steps in (
+        ("complete", (), STEPS),
+        ("preempted", (), STEPS),
+        # SIGUSR1 is due 50 s before a 1-minute limit. slurmctld checks limits every 30 s and
+        # signals when the moment falls before its next check: within 30 s of the start, while
+        # this run (minutes long) is still going.
+        ("timelimit", ("--time", "1", "--signal-seconds", "50"), TIMELIMIT_STEPS),
+    ):
+        spec = run_spec(tmp, prepared_corpora, name, **{**LONG, "train__max_steps": steps})
+        submitted[name] = (submit(spec, *extra), tmp / name)
+    yield submitted
+    # A job cancelled mid-run has no time to remove its Ray head's temp dir: do it for it.
+    ids = [job_id for job_id, _ in submitted.values()]
+    subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while any(in_queue(job_id) for job_id in ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for job_id in ids:
+        shutil.rmtree(f"/tmp/ray-midtrain-{job_id}", ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_submitted_job_runs_to_the_end(jobs: dict, slurm: SlurmCluster) -> None:
+    job_id, run_dir = jobs["complete"]
+    wait_until(lambda: not in_queue(job_id), "the job to end", slurm, run_dir, JOB_TIMEOUT)
+    log = job_log(run_dir)
+    status = read_status(run_dir)
+    assert status is not None and (status["status"], status["step"]) == ("completed", STEPS), log
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert [i.step for i in list_checkpoints(run_dir)][-1] == STEPS
+    assert job_field(job_id, "JobState") == "COMPLETED"
+    assert job_field(job_id, "Restarts") == "0"
+    assert "midtrain train exited 0" in log
+
+    status = midtrain("jobs", "status", job_id)
+    assert status.returncode == 0 and "COMPLETED" in status.stdout + status.stderr
+    logs = midtrain("jobs", "logs", job_id)
+    assert logs.returncode == 0 and "midtrain train exited 0" in logs.stdout
+    # Without a job id: midtrain's jobs still in the queue, each with its run dir.
+    queued_id, queued_dir = jobs["preempted"]
+    listed = midtrain("jobs", "status")
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(rf"^{queued_id}\t.*\t{re.escape(str(queued_dir))}$", listed.stdout, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(
+    jobs: dict, slurm: SlurmCluster
+) -> None:
+    job_id, run_dir = jobs["preempted"]
+
+    def past_step_20() -> bool:
+        records = read_metrics(run_dir)
+        return bool(records) and records[-1]["step"] >= 20
+
+    wait_until(past_step_20, "step 20", slurm, run_dir, JOB_TIMEOUT)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    wait_until(lambda: not in_queue(job_id), "the requeued job to end", slurm, run_dir, JOB_TIMEOUT)
+
+    log = job_log(run_dir)
+    assert "requeueing job" in log and "midtrain train exited 75" in log, log
+    assert "midtrain train exited 0" in log, log
+    assert job_field(job_id, "Restarts") == "1"
+    assert job_field(job_id, "JobState") == "COMPLETED"
+    stopped_at = int(re.search(r"stopped at step (\d+)", log).group(1))
+    assert 20 <= stopped_at < STEPS
+    assert stopped_at in [i.step for i in list_checkpoints(run_dir)]
+
+    complete_id, reference = jobs["complete"]
+    wait_until(lambda: not in_queue(complete_id), "the reference job", slurm, reference, 60)
+    assert exact_view(run_dir) == exact_view(reference)
+    wa, wb = final_weights(run_dir), final_weights(reference)
+    assert all(wa[name].equal(wb[name]) for name in wb)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_job_over_its_time_limit_checkpoints_before_it_is_killed(
+    jobs: dict, slurm: SlurmCluster
+) -> None:
+    job_id, run_dir = jobs["timelimit"]
+    wait_until(
+        lambda: "requeueing job" in job_log(run_dir), "the time-limit signal", slurm, run_dir, 150
+    )
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    log = job_log(run_dir)
+    assert "SIGUSR1 (preemption or time limit)" in log and "midtrain train exited 75" in log, log
+    # The first run's own words: it stopped with a checkpoint (the requeued one may run by now).
+    stopped_at = int(re.search(r"stopped at step (\d+)", log).group(1))
+    assert 1 <= stopped_at < TIMELIMIT_STEPS
+    assert stopped_at in [i.step for i in list_checkpoints(run_dir)]
