@@ -27,7 +27,7 @@ def one_rank_group() -> Any:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(
+    launch_env = dict(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK="0",
@@ -35,9 +35,17 @@ def one_rank_group() -> Any:
         LOCAL_RANK="0",
         LOCAL_WORLD_SIZE="1",
     )
+    saved = {k: os.environ.get(k) for k in launch_env}
+    os.environ.update(launch_env)
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    # Later tests' subprocesses must not inherit this group's rendezvous.
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _spec(tmp: Path, corpora: dict[str, Path], run: str, stage: int, precision: str) -> Path:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -312,9 +314,13 @@ def test_corrupted_checkpoint_is_refused_naming_the_file(runs: dict, tmp_path: P
         evaluate([final(runs["legal"])], OPTS, baseline=bad)
 
 
-def midtrain_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def midtrain_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "midtrain.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "midtrain.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -408,20 +414,33 @@ def test_downstream_task_runs_in_lm_eval_on_the_exported_model(
         texts, tasks, "legal_continuation", items=12, context_words=8, continuation_words=4
     )
     ckpt = final(runs["legal"])
-    done = midtrain_cli(
-        "eval-tasks",
-        str(ckpt),
-        "--tasks-dir",
-        str(tasks),
-        "--task",
-        "legal_continuation",
-        "--out",
-        str(tmp_path / "out"),
-        "--limit",
-        "12",
-        "--device",
-        "cpu",
-    )
+    # Launch variables of a training job (as in a Slurm step), with its rendezvous port taken:
+    # the one-process evaluation must not try to join that group.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        launch_env = {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(busy.getsockname()[1]),
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+        }
+        done = midtrain_cli(
+            "eval-tasks",
+            str(ckpt),
+            "--tasks-dir",
+            str(tasks),
+            "--task",
+            "legal_continuation",
+            "--out",
+            str(tmp_path / "out"),
+            "--limit",
+            "12",
+            "--device",
+            "cpu",
+            env=launch_env,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
     saved = json.loads((tmp_path / "out" / "downstream.json").read_text())

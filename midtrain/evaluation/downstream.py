@@ -46,14 +46,30 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
+# torch.distributed's launch variables. The harness (through accelerate) joins a process group when
+# it sees them, e.g. inside a Slurm job step or a shell where a training launcher exported them;
+# a downstream evaluation is one process on one device, so they are hidden from it.
+_DISTRIBUTED_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
 @contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = Path.cwd()
+def _harness_process(path: Path) -> Iterator[None]:
+    """Run from ``path`` (task YAMLs name their data files relative to it), as a single process."""
+    old_cwd = Path.cwd()
+    hidden = {k: os.environ.pop(k) for k in _DISTRIBUTED_ENV if k in os.environ}
     os.chdir(path)
     try:
         yield
     finally:
-        os.chdir(old)
+        os.chdir(old_cwd)
+        os.environ.update(hidden)
 
 
 def run_tasks(
@@ -83,7 +99,7 @@ def run_tasks(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(dir=out, prefix=".hf-export-") as tmp:
         hf_dir = export_hf(checked.path, Path(tmp) / "model")
-        with _cwd(tasks_dir):
+        with _harness_process(tasks_dir):
             results = lm_eval.simple_evaluate(
                 model="hf",
                 model_args=f"pretrained={hf_dir},dtype=float32",
