@@ -71,3 +71,31 @@ def sha256_file(path: str | Path) -> str:
             h.update(chunk)
             pos += len(chunk)
     return h.hexdigest()
+
+
+class FollowedFile:
+    """The new complete lines of a file another process appends to, read incrementally (a long
+    run's metrics file is never re-read whole). Starts over when the file is replaced (a resume
+    rewrites it) or truncated; a last line without its newline waits for the next call."""
+
+    def __init__(self, path: str | Path, skip_existing: bool = False) -> None:
+        self.path = Path(path)
+        self._inode: int | None = None
+        self._offset = 0
+        self._partial = b""
+        if skip_existing:
+            self.new_lines()
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self._inode or st.st_size < self._offset:
+                    self._inode, self._offset, self._partial = st.st_ino, 0, b""
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode("utf-8", errors="replace") for line in complete if line.strip()]

@@ -8,6 +8,7 @@ status: 0 when the run completed, ``EXIT_PREEMPTED`` when it stopped early with 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,12 +17,12 @@ import time
 from pathlib import Path
 
 from midtrain.console import console, make_progress, print_table, table
-from midtrain.fileio import atomic_write_text
+from midtrain.fileio import FollowedFile, atomic_write_text
 from midtrain.launch.start import PreparedRun
 from midtrain.runtime_env import OFFLINE_ENV, verbose
 from midtrain.training.checkpointing import events_path
 from midtrain.training.control import PREEMPT_SIGNALS, clear_stop, read_status, request_stop
-from midtrain.training.metrics import read_metrics
+from midtrain.training.metrics import METRICS_FILE, read_metrics
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
 
@@ -142,22 +143,22 @@ def _show_progress(prepared: PreparedRun, fitting: threading.Thread) -> None:
     spec = prepared.spec
     total = spec.train.max_steps
     every = max(1, total // 10)
-    events = events_path(spec.run_dir)
-    events_seen = len(events.read_text().splitlines()) if events.is_file() else 0
+    events = FollowedFile(events_path(spec.run_dir), skip_existing=True)
+    metrics = FollowedFile(Path(spec.run_dir) / METRICS_FILE)
     shown = 0
     with make_progress() as progress:
         task = progress.add_task("training", total=total, extra="")
         while fitting.is_alive():
-            fitting.join(0.25)
-            if events.is_file():
-                lines = events.read_text().splitlines()
-                for line in lines[events_seen:]:
-                    console.print(line)
-                events_seen = len(lines)
-            records = read_metrics(spec.run_dir)
-            if not records:
+            fitting.join(0.5)
+            for line in events.new_lines():
+                console.print(line)
+            lines = metrics.new_lines()
+            if not lines:
                 continue
-            last = records[-1]
+            try:
+                last = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                continue  # only a crash leaves a bad line; the summary reads the file properly
             extra = progress_line(last)
             progress.update(task, completed=last["step"], extra=extra)
             if progress.disable and last["step"] >= shown + every:
