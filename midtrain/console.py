@@ -63,6 +63,14 @@ def fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def short_count(n: float) -> str:
+    """A count in three significant figures: 950, 12.3k, 4.57M, 1.20B."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
 def print_table(t: Table) -> None:
     console.print(t)
 

@@ -216,6 +216,30 @@ def test_async_save_snapshots_before_returning(tmp_path: Path) -> None:
     saver.close()
 
 
+def test_async_save_without_snapshot_writes_the_handed_over_tensors(tmp_path: Path) -> None:
+    # snapshot=False is for a caller that hands over fresh copies (the trainer's gathered state):
+    # the saver takes no second copy, so it writes the tensors as they are when it gets to them.
+    model = tiny_llama()
+    handed = {k: v.clone() for k, v in model.state_dict().items()}
+    release = threading.Event()
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        meta = CheckpointMeta(step=1, tokens=1)
+        saver.save(
+            meta,
+            model_state=handed,
+            config=model.config,
+            blocking=False,
+            snapshot=False,
+            progress=lambda _n: release.wait(),
+        )
+        with torch.no_grad():
+            handed["model.norm.weight"].fill_(7.0)  # before the writer reached it: no copy taken
+        release.set()
+    saved = load_checkpoint(tmp_path / "run").model_state_dict()
+    assert torch.equal(saved["model.norm.weight"], torch.full_like(saved["model.norm.weight"], 7))
+    assert torch.equal(saved["lm_head.weight"], handed["lm_head.weight"])
+
+
 def test_background_error_surfaces_and_leaves_nothing(tmp_path: Path) -> None:
     model = tiny_llama()
     saver = CheckpointSaver(tmp_path / "run", log=None)
@@ -379,7 +403,9 @@ def _hf_model(kind: str) -> torch.nn.Module:
     "kind,layout",
     [("llama", "safetensors"), ("mistral", "sharded"), ("qwen2", "bin"), ("llama", "bin-sharded")],
 )
-def test_import_export_round_trip(tmp_path: Path, kind: str, layout: str) -> None:
+def test_import_export_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, layout: str
+) -> None:
     model = _hf_model(kind)
     src = tmp_path / "hf"
     if layout in ("safetensors", "sharded"):
@@ -417,6 +443,7 @@ def test_import_export_round_trip(tmp_path: Path, kind: str, layout: str) -> Non
     inside = AutoModelForCausalLM.from_config(model.config).eval()  # the model inside midtrain
     inside.load_state_dict(imported, strict=True)
     out = export_hf(ckpt_dir, tmp_path / "export")
+    assert "holds no tokenizer" not in capsys.readouterr().err
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.equal(logits(exported), logits(inside))
     assert torch.equal(logits(exported), logits(model))
@@ -431,12 +458,15 @@ def test_import_export_round_trip(tmp_path: Path, kind: str, layout: str) -> Non
     assert all(torch.equal(again[k], imported[k]) for k in imported)
 
 
-def test_export_of_training_checkpoint_drops_midtrain_files(tmp_path: Path) -> None:
+def test_export_of_training_checkpoint_drops_midtrain_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = tiny_llama(tie=True)
     with CheckpointSaver(tmp_path / "run", log=None) as saver:
         save(saver, model, 9, optimizer_state=opt_state(model), run_spec="a: 1\n")
     out = export_hf(tmp_path / "run", tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert "holds no tokenizer" in capsys.readouterr().err  # said, not silently left out
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model))
     with pytest.raises(CheckpointError, match="already exists"):
         export_hf(tmp_path / "run", out)

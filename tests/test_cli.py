@@ -186,17 +186,26 @@ def test_training_progress_line_shows_loss_per_source_grad_norm_and_mfu() -> Non
 
     record = {
         "loss": 2.5,
+        "tokens": 1_600_000,
         "loss_by_source": {"legal": 2.0, "general": 3.0},
+        "tokens_by_source": {"legal": 1_200_000, "general": 400_000},
         "lr": 3e-4,
         "grad_norm": 1.25,
         "tokens_per_s": 12345.6,
         "mfu": 0.125,
     }
     line = progress_line(record)
-    for part in ("loss 2.5000", "legal 2.000 general 3.000", "lr 3.00e-04", "gnorm 1.25"):
+    for part in (
+        "loss 2.5000",
+        "1.6M tok",
+        "legal 2.000 (1.2M tok) general 3.000 (400k tok)",
+        "lr 3.00e-04",
+        "gnorm 1.25",
+    ):
         assert part in line
     assert "12,346 tok/s" in line and "MFU 12.5%" in line
     bare = progress_line(
         {**record, "loss_by_source": {"legal": 2.5}, "grad_norm": None, "mfu": None}
     )
     assert "legal" not in bare and "gnorm" not in bare and "MFU" not in bare
+    assert "1.6M tok" in bare

@@ -116,6 +116,11 @@ def export_hf(
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists; choose a new directory")
     names = [n for n in manifest.files if not n.startswith(_MIDTRAIN_ONLY)]
+    if not any(n.startswith("tokenizer") for n in names):
+        console.info(
+            f"warning: {ckpt_dir} holds no tokenizer, so neither does {dst}; copy the tokenizer "
+            "files the model was trained with into it before serving or evaluating it"
+        )
     staging = StagingDir.fresh(dst.parent / f"{STAGING_PREFIX}{dst.name}", progress)
     try:
         for name in names:

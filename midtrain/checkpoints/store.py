@@ -168,6 +168,7 @@ class CheckpointSaver:
         optimizer_state: Mapping[str, torch.Tensor] | None = None,
         rank_state: Mapping[str, Any] | None = None,
         blocking: bool = True,
+        snapshot: bool = True,
         progress: ProgressFn | None = None,
     ) -> Path:
         """Save step ``meta.step``; returns the checkpoint's final path.
@@ -178,6 +179,8 @@ class CheckpointSaver:
         owns; all ranks or none) and ``rank_state`` (JSON data of its own, e.g. its RNG state).
         ``blocking=False`` copies the tensors to CPU memory, returns, and writes in the background;
         a previous background save is waited for first and its error, if any, is raised here.
+        ``snapshot=False`` skips that copy: for a caller that hands over fresh tensors it will not
+        change (the trainer's gathered CPU copies), so that they are copied once, not twice.
         """
         self.wait()
         job = self._job(
@@ -191,8 +194,9 @@ class CheckpointSaver:
         if blocking:
             self._run(job)
         else:
-            job.model_state = self._snapshots.copy("model", job.model_state)
-            job.optimizer_state = self._snapshots.copy("optimizer", job.optimizer_state)
+            if snapshot:
+                job.model_state = self._snapshots.copy("model", job.model_state)
+                job.optimizer_state = self._snapshots.copy("optimizer", job.optimizer_state)
             self._thread = threading.Thread(
                 target=self._run_in_background, args=(job,), name="midtrain-checkpoint-save"
             )

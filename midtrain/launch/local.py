@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from midtrain.console import console, make_progress, print_table, table
+from midtrain.console import console, make_progress, print_table, short_count, table
 from midtrain.fileio import FollowedFile, atomic_write_text
 from midtrain.launch.start import PreparedRun
 from midtrain.runtime_env import OFFLINE_ENV, verbose
@@ -167,11 +167,18 @@ def _show_progress(prepared: PreparedRun, fitting: threading.Thread) -> None:
 
 
 def progress_line(record: dict) -> str:
-    """One metrics record as a short line: loss (and per source), lr, grad norm, tokens/s, MFU."""
-    parts = [f"loss {record['loss']:.4f}"]
+    """One metrics record as a short line: loss and tokens so far (and per source), lr, grad norm,
+    tokens/s, MFU."""
+    parts = [f"loss {record['loss']:.4f}", f"{short_count(record['tokens'])} tok"]
     by_source = record.get("loss_by_source") or {}
+    tokens_by_source = record.get("tokens_by_source") or {}
     if len(by_source) > 1:
-        parts.append(" ".join(f"{name} {loss:.3f}" for name, loss in by_source.items()))
+        parts.append(
+            " ".join(
+                f"{name} {loss:.3f} ({short_count(tokens_by_source.get(name, 0))} tok)"
+                for name, loss in by_source.items()
+            )
+        )
     parts.append(f"lr {record['lr']:.2e}")
     if record.get("grad_norm") is not None:
         parts.append(f"gnorm {record['grad_norm']:.2f}")

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import transformers
 
 from midtrain.checkpoints import (
+    Checkpoint,
     CheckpointMeta,
     CheckpointSaver,
     load_checkpoint,
@@ -45,7 +46,7 @@ class StartPoint:
     weights: Callable[[], dict[str, torch.Tensor]] | None = None
     lr: float | None = None  # the LR the start checkpoint was at: where a re-warm starts
     parent: str | None = None
-    optimizer_tensors: Callable[[], dict[str, torch.Tensor]] | None = None
+    optimizer: Checkpoint | None = None  # the checkpoint whose optimizer state to load
     optimizer_step: int = 0
     resume_state: dict[str, Any] | None = None
     seed: int = 0
@@ -82,7 +83,7 @@ def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
             weights=ckpt.model_state_dict,
             lr=state.get("rewarm_from_lr"),
             parent=ckpt.manifest.parent,
-            optimizer_tensors=ckpt.optimizer_tensors,
+            optimizer=ckpt,
             optimizer_step=int(state["optimizer_step"]),
             resume_state=state,
             seed=seed,
@@ -107,7 +108,7 @@ def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
             weights=ckpt.model_state_dict,
             lr=ckpt.manifest.lr,
             parent=str(ckpt.path),
-            optimizer_tensors=ckpt.optimizer_tensors if load_opt else None,
+            optimizer=ckpt if load_opt else None,
             optimizer_step=int(ckpt.trainer_state.get("optimizer_step", ckpt.step))
             if load_opt
             else 0,
@@ -187,7 +188,9 @@ def check_start(spec: RunSpec, resuming: bool) -> StartPoint:
 class RunCheckpointer:
     """The trainer's side of saving: who writes what, and the manifest's facts about the step."""
 
-    def __init__(self, spec: RunSpec, rank: int, world: int, start: StartPoint) -> None:
+    def __init__(
+        self, spec: RunSpec, rank: int, world: int, start: StartPoint, param_names: list[str]
+    ) -> None:
         self.spec, self.rank, self.world = spec, rank, world
         self.parent = start.parent
         self.saver = CheckpointSaver(
@@ -200,6 +203,7 @@ class RunCheckpointer:
             log=self._log if rank == 0 else None,
         )
         self.events = events_path(spec.run_dir)
+        self._owner = {name: i % world for i, name in enumerate(param_names)}
 
     def save(
         self,
@@ -224,13 +228,7 @@ class RunCheckpointer:
             parent=self.parent,
             keep=bool(keep_every and step % keep_every == 0),
         )
-        params = [name for name, _ in model.named_parameters()]
-        owner = {name: i % self.world for i, name in enumerate(params)}
-        owned = {
-            key: value
-            for key, value in optimizer_tensors.items()
-            if owner[split_optimizer_key(key)[0]] == self.rank
-        }
+        owned = {k: v for k, v in optimizer_tensors.items() if self.owns(split_optimizer_key(k)[0])}
         self.saver.save(
             meta,
             model_state=model_state,
@@ -239,7 +237,13 @@ class RunCheckpointer:
             run_spec=self.spec.to_yaml(),
             optimizer_state=owned,
             blocking=blocking,
+            snapshot=False,  # the gathered tensors are fresh CPU copies that nothing changes
         )
+
+    def owns(self, param_name: str) -> bool:
+        """Whether this rank saves the optimizer state of ``param_name``: parameters are dealt
+        round-robin over ranks, so every rank writes about the same amount."""
+        return self._owner[param_name] == self.rank
 
     def close(self) -> None:
         self.saver.close()

@@ -44,8 +44,9 @@ def read_status(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 class StopFlag:
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, device: torch.device | str = "cpu") -> None:
         self.run_dir = Path(run_dir)
+        self.device = device  # where the collective's tensor lives: NCCL reduces GPU tensors only
         self._signalled = False
         if threading.current_thread() is threading.main_thread():
             for sig in PREEMPT_SIGNALS:
@@ -58,7 +59,7 @@ class StopFlag:
     def requested(self) -> bool:
         """Collective: True on every rank if any rank saw a signal or the STOP file."""
         local = self._signalled or (control_dir(self.run_dir) / "STOP").exists()
-        flag = torch.tensor([1 if local else 0])
+        flag = torch.tensor([1 if local else 0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -8,6 +8,7 @@ pickles loaded with ``weights_only=False``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import deepspeed
@@ -19,6 +20,7 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+from midtrain.checkpoints import Checkpoint
 from midtrain.config import RunSpec
 from midtrain.errors import CheckpointError
 from midtrain.training.model import parameter_groups
@@ -99,8 +101,16 @@ def _link_fragments(engine: deepspeed.DeepSpeedEngine) -> None:
         link()
 
 
-def gather_optimizer_state(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights and Adam moments per parameter name, on every rank (a collective)."""
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy nobody else holds: one copy whether the tensor is on a GPU or already on CPU."""
+    return tensor.detach().to("cpu", copy=True)
+
+
+def gather_optimizer_state(
+    engine: deepspeed.DeepSpeedEngine, keep: Callable[[str], bool] = lambda name: True
+) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights and Adam moments of the parameters ``keep`` selects, as CPU
+    copies. A collective under ZeRO: every rank gathers every parameter, and keeps its own."""
     out: dict[str, torch.Tensor] = {}
     if optimizer_step_count(engine) == 0:
         return out
@@ -110,16 +120,15 @@ def gather_optimizer_state(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch
     inner = _inner_optimizer(engine)
     for name, param in engine.module.named_parameters():
         if partitioned:
-            out[f"{name}/master"] = safe_get_full_fp32_param(param).detach().cpu().clone()
-            for key in ADAM_STATES:
-                out[f"{name}/{key}"] = (
-                    safe_get_full_optimizer_state(param, key).detach().cpu().clone()
-                )
+            master = safe_get_full_fp32_param(param)
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in ADAM_STATES}
         else:
-            state = inner.state[param]
-            out[f"{name}/master"] = param.detach().float().cpu().clone()
-            for key in ADAM_STATES:
-                out[f"{name}/{key}"] = state[key].detach().cpu().clone()
+            master = param.float()
+            moments = {key: inner.state[param][key] for key in ADAM_STATES}
+        if keep(name):
+            out[f"{name}/master"] = host_copy(master)
+            for key, value in moments.items():
+                out[f"{name}/{key}"] = host_copy(value)
     return out
 
 
@@ -137,28 +146,31 @@ def _materialise_adam_state(engine: deepspeed.DeepSpeedEngine, step: int) -> Non
     _link_fragments(engine)
 
 
-def load_optimizer_state(
-    engine: deepspeed.DeepSpeedEngine, tensors: dict[str, torch.Tensor], step: int, source: str
-) -> None:
-    """Set master weights and Adam moments from per-parameter full tensors (any saving world size)."""
+def load_optimizer_state(engine: deepspeed.DeepSpeedEngine, ckpt: Checkpoint, step: int) -> None:
+    """Set master weights and Adam moments from a checkpoint's per-parameter full tensors (any
+    saving world size). Under ZeRO every rank takes its slice of every parameter, so each rank
+    reads every entry, but one parameter at a time: host memory holds one parameter's state, not
+    the model's (12 bytes per parameter, on every rank of a node at once)."""
     names = [name for name, _ in engine.module.named_parameters()]
+    available = set(ckpt.optimizer_keys())
     missing = [
-        f"{n}/{k}" for n in names for k in ("master", *ADAM_STATES) if f"{n}/{k}" not in tensors
+        f"{n}/{k}" for n in names for k in ("master", *ADAM_STATES) if f"{n}/{k}" not in available
     ]
     if missing:
         raise CheckpointError(
-            f"{source}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
+            f"{ckpt.path}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
         )
     _materialise_adam_state(engine, step)
     partitioned = _partitioned(engine)
     inner = _inner_optimizer(engine)
     with torch.no_grad():
         for name, param in engine.module.named_parameters():
+            tensors = ckpt.optimizer_tensors([f"{name}/{k}" for k in ("master", *ADAM_STATES)])
             master = tensors[f"{name}/master"]
             shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 params are partitioned
             if tuple(master.shape) != shape:
                 raise CheckpointError(
-                    f"{source}: {name} has shape {tuple(master.shape)}, model has {shape}"
+                    f"{ckpt.path}: {name} has shape {tuple(master.shape)}, model has {shape}"
                 )
             if partitioned:
                 # The model's own weights were loaded before DeepSpeed wrapped it; here only the
@@ -182,7 +194,7 @@ def full_model_state(
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         if rank != 0:
             return None
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        state = {k: host_copy(v) for k, v in module.state_dict().items()}
     if getattr(module.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # saved once, as Hugging Face does
     return state

@@ -99,8 +99,9 @@ def train_step(
         engine.step()  # steps the optimizer at the accumulation boundary only
         loss_sum.index_add_(0, source_ids, per_seq.detach().double().cpu())
         count.index_add_(0, source_ids, torch.ones_like(source_ids, dtype=torch.float64))
-    totals = torch.cat([loss_sum, count])
+    totals = torch.cat([loss_sum, count]).to(engine.device)  # NCCL reduces GPU tensors only
     dist.all_reduce(totals)
+    totals = totals.cpu()
     return totals[:num_sources], totals[num_sources:]
 
 
@@ -124,16 +125,18 @@ def train(spec: RunSpec) -> Outcome:
         peak_lr=spec.optimizer.lr, total_steps=spec.train.max_steps, rewarm_from_lr=start.lr
     )
     progress = Progress(tokens_by_source={name: 0 for name in sampler.source_names})
-    if start.optimizer_tensors is not None:
-        load_optimizer_state(engine, start.optimizer_tensors(), start.optimizer_step, start.source)
+    if start.optimizer is not None:
+        load_optimizer_state(engine, start.optimizer, start.optimizer_step)
     if start.resume_state is not None:
         state = start.resume_state
         sampler.load_state_dict(state["sampler"])
         progress = Progress(state["step"], state["tokens"], dict(state["tokens_by_source"]))
         restore_rng_state(state["rng"])
 
-    checkpointer = RunCheckpointer(spec, rank, world, start)
-    stop = StopFlag(spec.run_dir)
+    checkpointer = RunCheckpointer(
+        spec, rank, world, start, [name for name, _ in engine.module.named_parameters()]
+    )
+    stop = StopFlag(spec.run_dir, engine.device)
     metrics = StepMetrics(spec, engine, sampler.source_names, progress.step) if rank == 0 else None
     loss, status = None, "completed"
 
@@ -162,7 +165,7 @@ def train(spec: RunSpec) -> Outcome:
                 step=progress.step,
                 model=engine.module,
                 model_state=full_model_state(engine, rank),
-                optimizer_tensors=gather_optimizer_state(engine),
+                optimizer_tensors=gather_optimizer_state(engine, keep=checkpointer.owns),
                 trainer_state={
                     **progress.state_dict(),
                     "sampler": sampler.state_dict(),
@@ -200,8 +203,7 @@ class StepMetrics:
         self.flops_per_token = training_flops_per_token(
             engine.module.config, spec.mixture.seq_length
         )
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.peak = peak_flops(device, "bf16" if spec.train.precision == "bf16" else "fp32")
+        self.peak = peak_flops(engine.device, "bf16" if spec.train.precision == "bf16" else "fp32")
         self.world = spec.workers
         self.writer = MetricsWriter(spec.run_dir, start_step, spec.train.tensorboard)
 
