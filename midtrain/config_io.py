@@ -103,17 +103,19 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        if "input" in err and err["type"] not in ("missing", "extra_forbidden"):
+        # A whole section as "input" is noise: the checks across keys name their keys themselves.
+        section = isinstance(err.get("input"), (dict, list))
+        if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not section:
             shown = repr(err["input"])
             if len(shown) > 60:
                 shown = shown[:57] + "..."
             msg = f"{msg} (got {shown})"
-        lines.append(f"{source}: {loc or '<top>'}: {msg}")
+        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import yaml
 from midtrain.data_mixing.stats import write_stats
 
 EOD = 0
+VOCAB_SIZE = 50_000  # above every id these tests write
 
 
 def make_prefix(
@@ -42,7 +43,7 @@ def make_prefix(
             "holdout_documents": 0,
             "holdout_tokens": 0,
             "rejected": 0,
-            "tokenizer": {"fingerprint": fingerprint, "eod_id": EOD},
+            "tokenizer": {"fingerprint": fingerprint, "eod_id": EOD, "vocab_size": VOCAB_SIZE},
             "inputs": [],
         },
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from mixture_data import make_prefix, write_yaml
 from midtrain.data_mixing.interleave import Interleaver, exact_weights
 from midtrain.data_mixing.mixture import MixtureConfig, load_mixture
 from midtrain.data_mixing.plan import plan_mixture
+from midtrain.data_mixing.sampler import MixtureSampler
 from midtrain.errors import ConfigError, DataError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "mixture.yaml"
@@ -46,7 +48,19 @@ def test_non_positive_stage_weight_is_rejected(tmp_path: Path) -> None:
         "stages": [{"until": 1.0, "weights": {"a": -1}}],
     }
     msg = _load_error(tmp_path, data)
-    assert "stages.0.weights" in msg and "'a' must be positive" in msg
+    assert "stages.0.weights" in msg and "'a' must be a positive number" in msg
+
+
+def test_infinite_weights_are_rejected_by_key(tmp_path: Path) -> None:
+    msg = _load_error(tmp_path, {"seq_length": 8, "sources": [source("a", "x", weight=math.inf)]})
+    assert "sources.0.weight" in msg and "finite" in msg
+    data = {
+        "seq_length": 8,
+        "sources": [source("a", "x")],
+        "stages": [{"until": 1.0, "weights": {"a": math.inf}}],
+    }
+    msg = _load_error(tmp_path, data)
+    assert "stages.0.weights" in msg and "'a' must be a positive number, got inf" in msg
 
 
 def test_unknown_stage_source_is_rejected(tmp_path: Path) -> None:
@@ -176,7 +190,8 @@ def test_documented_example_validates_and_plans(
         for draw in stage["sources"].values():
             assert isinstance(draw["tokens"], int) and isinstance(draw["epochs"], float)
             assert draw["tokens"] == draw["sequences"] * 2048
-            assert draw["epochs"] == pytest.approx(draw["tokens"] / draw["available"])
+            per_epoch = (draw["available"] - 1) // 2048  # the sampler drops an epoch's tail
+            assert draw["epochs"] == pytest.approx(draw["sequences"] / per_epoch, abs=1e-6)
     first, second = out["stages"]
     # 180 sequences at 6:1:3, then 20 at 4:1:5: whole periods of 10, exactly.
     assert {k: v["sequences"] for k, v in first["sources"].items()} == {
@@ -191,7 +206,7 @@ def test_documented_example_validates_and_plans(
     }
     assert first["sources"]["filings"]["available"] == 160_000  # both prefixes
     assert out["totals"]["sources"]["contracts"]["tokens"] == 116 * 2048
-    assert out["totals"]["sources"]["contracts"]["epochs"] == pytest.approx(116 * 2048 / 80_000)
+    assert out["totals"]["sources"]["contracts"]["epochs"] == pytest.approx(116 / 39, abs=1e-6)
     assert out["totals"]["tokens"] == 409_600
     plan.print()
     printed = capsys.readouterr().err
@@ -212,7 +227,9 @@ def test_documented_example_at_full_size(tmp_path: Path, monkeypatch: pytest.Mon
         for d in stage.sources:
             assert abs(d.sequences - d.weight * stage.sequences) < 1
     contracts = plan.to_json()["totals"]["sources"]["contracts"]
-    assert contracts["epochs"] == pytest.approx(contracts["tokens"] / 500_000_000)
+    assert contracts["epochs"] == pytest.approx(
+        contracts["sequences"] / (499_999_999 // 2048), abs=1e-6
+    )
     assert contracts["epochs"] < 4
 
 
@@ -222,14 +239,18 @@ def test_max_epochs_violation_says_by_how_much_and_what_to_change(
     monkeypatch.chdir(tmp_path)
     _example_data(tmp_path)
     cfg = load_mixture(EXAMPLE, ["tokens=409600"])
-    cfg.sources[0].max_epochs = 1.0  # contracts draws 116 x 2048 of 80,000 tokens: 2.97 epochs
+    # contracts draws 116 sequences; one pass over its 80,000 tokens yields 79,999 // 2048 = 39
+    cfg.sources[0].max_epochs = 1.0
     with pytest.raises(ConfigError) as err:
         plan_mixture(cfg)
     msg = str(err.value)
     assert str(EXAMPLE) in msg and "'contracts'" in msg
-    assert "2.970 epochs" in msg and "max_epochs 1 by 1.970 epochs" in msg
-    assert "lower its weight" in msg and "raise max_epochs to 2.97" in msg
-    assert "add at least 157,568 tokens" in msg  # 237,568 / 1 - 80,000
+    assert "2.974 epochs (116 sequences; one pass over its 80,000 tokens yields 39)" in msg
+    assert "max_epochs 1 by 1.974 epochs (77 sequences)" in msg
+    assert "lower its weight" in msg and "raise max_epochs to 2.98" in msg
+    assert "add at least 157,569 tokens" in msg  # 116 x 2048 + 1 - 80,000
+    cfg.sources[0].max_epochs = 116 / 39
+    plan_mixture(cfg)  # exactly at the cap is allowed
 
 
 def _two_sources(tmp_path: Path, fp_b: str = "tok-A", b_tokens: int = 100) -> MixtureConfig:
@@ -267,6 +288,28 @@ def test_source_smaller_than_one_sequence(tmp_path: Path) -> None:
     cfg = _two_sources(tmp_path, b_tokens=8)  # 8 tokens < seq_length + 1
     with pytest.raises(DataError, match="source 'b' has 8 tokens, fewer than one sequence"):
         plan_mixture(cfg)
+
+
+def test_epochs_count_the_samplers_passes_not_tokens_over_size(tmp_path: Path) -> None:
+    # 100 distinct tokens at seq_length 8: a pass is 99 // 8 = 12 windows (the 3-token tail is
+    # dropped), so the 13th sequence already repeats tokens, though 13 x 8 = 104 is barely more
+    # than the source's 100 tokens (1.04 "epochs" by tokens).
+    make_prefix(tmp_path / "a", [list(range(1, 100)) + [0]])
+    cfg = load_mixture(
+        write_yaml(
+            tmp_path / "mix.yaml",
+            {"seq_length": 8, "sources": [source("a", str(tmp_path / "a"), max_epochs=1.05)]},
+        )
+    )
+    assert plan_mixture(cfg, total_sequences=12).stages[0].sources[0].epochs == 1.0
+    with pytest.raises(ConfigError, match=r"would be drawn 1.083 epochs \(13 sequences"):
+        plan_mixture(cfg, total_sequences=13)
+
+    cfg.sources[0].max_epochs = None
+    inputs = MixtureSampler(cfg, total_sequences=13).next_global_batch(13).tokens[:, :8]
+    first_pass = inputs[:12].flatten().tolist()
+    assert len(set(first_pass)) == len(first_pass)  # one pass: no token twice
+    assert set(inputs[12].tolist()) <= set(first_pass)  # the 13th sequence: a second pass
 
 
 def test_run_length_comes_from_tokens_or_total_sequences(tmp_path: Path) -> None:

@@ -438,7 +438,7 @@ def test_killed_run_leaves_nothing_complete(tiny_tokenizer: Path, tmp_path: Path
     with pytest.raises(DataError):
         load_stats(prefix)
     leftovers = [p for p in prefix.parent.iterdir() if p.name.startswith(".c.prepare-")]
-    assert leftovers and any(p.rglob("*.bin") for p in leftovers)
+    assert leftovers and any(any(p.rglob("*.bin")) for p in leftovers)
 
     # a previous complete output survives a killed re-run byte for byte
     prepare(tiny_tokenizer, [source], prefix, holdout_fraction=0.2)

@@ -16,6 +16,7 @@ from mixture_data import make_prefix, random_docs, write_yaml
 from midtrain.data_mixing.interleave import Interleaver
 from midtrain.data_mixing.mixture import MixtureConfig, load_mixture
 from midtrain.data_mixing.sampler import MixtureSampler, shard
+from midtrain.data_mixing.stats import load_stats
 from midtrain.errors import ConfigError, DataError
 
 SEQ = 16
@@ -277,6 +278,17 @@ def test_stats_that_disagree_with_the_index_are_an_error(tmp_path: Path) -> None
     )
     with pytest.raises(DataError, match=r"m.yaml: source 'a': .* but their stats files say 10,000"):
         load_mixture(path).build()
+
+
+def test_stats_without_the_tokenizer_vocab_size_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    make_prefix(tmp_path / "a", random_docs(rng, 5, 10, 20, 1))
+    stats_file = tmp_path / "a.stats.json"
+    stats = json.loads(stats_file.read_text())
+    del stats["tokenizer"]["vocab_size"]
+    stats_file.write_text(json.dumps(stats))
+    with pytest.raises(DataError, match=r"a.stats.json: tokenizer must hold .*'vocab_size'"):
+        load_stats(tmp_path / "a")
 
 
 def test_an_empty_stage_is_skipped(cfg: MixtureConfig) -> None:

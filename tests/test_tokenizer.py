@@ -81,6 +81,22 @@ def test_fingerprint_changes_with_vocab_and_ignores_formatting(tmp_path: Path) -
     assert tokenizer_fingerprint(tmp_path / "resaved") == tokenizer_fingerprint(small)
 
 
+def test_fingerprint_changes_with_the_eos_token(tmp_path: Path) -> None:
+    # Same vocabulary, another end-of-document token (a base model vs. its instruct variant):
+    # data prepared with one must not be mixed with, or trained under, the other.
+    corpus = write_corpus(tmp_path / "c.jsonl", stdlib_texts()[:2])
+    base = train_tokenizer([str(corpus)], 300, tmp_path / "base")
+    variant = tmp_path / "variant"
+    shutil.copytree(base, variant)
+    config_file = variant / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    other = next(t for t in load_tokenizer(base).get_vocab() if t != config["eos_token"])
+    config["eos_token"] = other
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    assert eod_id(load_tokenizer(variant)) != eod_id(load_tokenizer(base))
+    assert tokenizer_fingerprint(variant) != tokenizer_fingerprint(base)
+
+
 def test_fingerprint_without_tokenizer_json_hashes_the_tokenizer_files(tmp_path: Path) -> None:
     slow = tmp_path / "slow"
     slow.mkdir()

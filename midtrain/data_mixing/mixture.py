@@ -6,6 +6,7 @@ of the run up to ``until`` (a fraction of the run); a stage without weights uses
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -23,7 +24,7 @@ class SourceConfig(StrictModel):
     name: str = Field(pattern=SOURCE_NAME)
     kind: Literal["customer", "curated"]
     path: list[AbsPath] = Field(min_length=1, description="one or more prepared prefixes")
-    weight: float = Field(gt=0)
+    weight: float = Field(gt=0, allow_inf_nan=False)
     max_epochs: float | None = Field(default=None, gt=0, description="repetition cap")
 
     @field_validator("path", mode="before")
@@ -41,8 +42,8 @@ class StageConfig(StrictModel):
     def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None:
             for name, w in value.items():
-                if not w > 0:
-                    raise ValueError(f"weight of {name!r} must be positive, got {w}")
+                if not 0 < w < math.inf:
+                    raise ValueError(f"weight of {name!r} must be a positive number, got {w}")
         return value
 
 

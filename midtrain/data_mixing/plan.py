@@ -33,6 +33,19 @@ class SourceData:
     max_epochs: float | None
 
 
+def sequences_per_epoch(tokens: int, seq_length: int) -> int:
+    """Sequences one pass over a source yields, as the sampler cuts them: windows of
+    ``seq_length`` tokens (plus the next one as the last label) laid end to end, the short tail
+    dropped. An epoch is this many sequences, not ``tokens / seq_length``: for a small source
+    the dropped tail is a large share, and ``max_epochs`` must count real passes."""
+    return (tokens - 1) // seq_length
+
+
+def epochs_drawn(sequences: int, tokens: int, seq_length: int) -> float:
+    """Passes over a source of ``tokens`` tokens that drawing ``sequences`` sequences makes."""
+    return sequences / sequences_per_epoch(tokens, seq_length)
+
+
 @dataclass(frozen=True)
 class SourceDraw:
     """What one stage draws from one source."""
@@ -51,11 +64,11 @@ class SourceDraw:
 
     @property
     def epochs(self) -> float:
-        return self.tokens / self.available
+        return epochs_drawn(self.sequences, self.available, self.seq_length)
 
     @property
     def cumulative_epochs(self) -> float:
-        return self.cumulative_sequences * self.seq_length / self.available
+        return epochs_drawn(self.cumulative_sequences, self.available, self.seq_length)
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,7 @@ class MixturePlan:
             "sources": {
                 s.name: {
                     "tokens": drawn[s.name] * self.seq_length,
-                    "epochs": round(drawn[s.name] * self.seq_length / s.tokens, 6),
+                    "epochs": round(epochs_drawn(drawn[s.name], s.tokens, self.seq_length), 6),
                     "sequences": drawn[s.name],
                     "available": s.tokens,
                     "max_epochs": s.max_epochs,
@@ -283,18 +296,21 @@ def check_repetition(plan: MixturePlan) -> None:
     for src in plan.sources:
         if src.max_epochs is None:
             continue
-        tokens = drawn[src.name] * plan.seq_length
-        epochs = tokens / src.tokens
-        if epochs <= src.max_epochs:
+        sequences = drawn[src.name]
+        drawn_epochs = epochs_drawn(sequences, src.tokens, plan.seq_length)
+        if drawn_epochs <= src.max_epochs:
             continue
-        excess = tokens - math.floor(src.max_epochs * src.tokens)
-        more_data = math.ceil(tokens / src.max_epochs) - src.tokens
+        per_epoch = sequences_per_epoch(src.tokens, plan.seq_length)
+        excess = sequences - math.floor(src.max_epochs * per_epoch)
+        # The fewest tokens whose epoch is long enough: per_epoch' = ceil(sequences / max_epochs).
+        needed = math.ceil(sequences / src.max_epochs) * plan.seq_length + 1
         problems.append(
-            f"source {src.name!r} would be drawn {epochs:.3f} epochs ({tokens:,} tokens of its "
-            f"{src.tokens:,}), over its max_epochs {src.max_epochs:g} by "
-            f"{epochs - src.max_epochs:.3f} epochs ({excess:,} tokens); lower its weight, "
-            f"shorten the run, add at least {more_data:,} tokens of data to it, or raise "
-            f"max_epochs to {math.ceil(epochs * 100) / 100:g}"
+            f"source {src.name!r} would be drawn {drawn_epochs:.3f} epochs ({sequences:,} "
+            f"sequences; one pass over its {src.tokens:,} tokens yields {per_epoch:,}), over its "
+            f"max_epochs {src.max_epochs:g} by {drawn_epochs - src.max_epochs:.3f} epochs "
+            f"({excess:,} sequences); lower its weight, shorten the run, add at least "
+            f"{needed - src.tokens:,} tokens of data to it, or raise max_epochs to "
+            f"{math.ceil(drawn_epochs * 100) / 100:g}"
         )
     if problems:
         raise ConfigError("\n".join(f"{plan.where}: {p}" for p in problems))

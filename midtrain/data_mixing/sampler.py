@@ -28,7 +28,7 @@ import torch
 from midtrain.data_mixing.indexed import open_indexed
 from midtrain.data_mixing.interleave import Interleaver
 from midtrain.data_mixing.mixture import MixtureConfig
-from midtrain.data_mixing.plan import MixturePlan, plan_mixture
+from midtrain.data_mixing.plan import MixturePlan, plan_mixture, sequences_per_epoch
 from midtrain.errors import ConfigError, DataError
 
 with warnings.catch_warnings():  # megatron.core warns about optional GPU libraries on import
@@ -87,7 +87,7 @@ class SourceStream:
                 f"its indexed datasets hold {self.tokens:,} tokens but their "
                 f"stats files say {stats_tokens:,} (stale or mixed-up files: prepare it again)"
             )
-        self.windows_per_epoch = (self.tokens - 1) // seq_length
+        self.windows_per_epoch = sequences_per_epoch(self.tokens, seq_length)
         self._seed = [seed % 2**64, _name_key(name)]
         self._epoch = -1
         self._order = np.empty(0, np.int64)  # document ids in this epoch's order

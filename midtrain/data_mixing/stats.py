@@ -14,6 +14,9 @@ from midtrain.errors import DataError
 from midtrain.fileio import atomic_write_json
 
 STATS_FORMAT = "midtrain.prepared/1"
+# The end-of-document id is compared beside the fingerprint: two tokenizers with the same
+# vocabulary can still end documents with different tokens (a base and an instruct variant).
+TOKENIZER_KEYS = ("fingerprint", "eod_id", "vocab_size")
 REQUIRED_KEYS = (
     "format",
     "documents",
@@ -60,6 +63,6 @@ def load_stats(prefix: str | Path) -> dict[str, Any]:
     if stats["format"] != STATS_FORMAT:
         raise DataError(f"{path}: unknown format {stats['format']!r} (expected {STATS_FORMAT!r})")
     tok = stats["tokenizer"]
-    if not isinstance(tok, dict) or "fingerprint" not in tok or "eod_id" not in tok:
-        raise DataError(f"{path}: tokenizer must hold at least 'fingerprint' and 'eod_id'")
+    if not isinstance(tok, dict) or any(k not in tok for k in TOKENIZER_KEYS):
+        raise DataError(f"{path}: tokenizer must hold {', '.join(map(repr, TOKENIZER_KEYS))}")
     return stats

@@ -163,11 +163,30 @@ def eod_id(tokenizer: Any) -> int:
     return int(eos)
 
 
+def _eos_token(path: Path) -> str:
+    """The eos token's text as tokenizer_config.json (or else special_tokens_map.json) names it."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise DataError(f"{file}: not a JSON object ({exc})") from None
+        if isinstance(eos, dict):  # the AddedToken form: {"content": "</s>", ...}
+            eos = eos.get("content")
+        if isinstance(eos, str):
+            return eos
+    return ""
+
+
 def tokenizer_fingerprint(path: str | Path) -> str:
     """sha256 identifying a tokenizer's vocabulary, merges and normalization.
 
     With a tokenizer.json: its added tokens, normalizer, pre-tokenizer and model, as canonical JSON
-    (key order and whitespace do not matter). Otherwise: the bytes of every tokenizer file.
+    (key order and whitespace do not matter), and the eos token, which ends every prepared
+    document (a base model and its instruct variant often differ only there). Otherwise: the
+    bytes of every tokenizer file.
     """
     path = Path(path)
     tokenizer_json = path / "tokenizer.json"
@@ -182,6 +201,7 @@ def tokenizer_fingerprint(path: str | Path) -> str:
         ids_part = {key: spec.get(key) for key in _ID_KEYS}
         h.update(b"tokenizer.json\0")
         h.update(json.dumps(ids_part, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+        h.update(b"\0eos_token\0" + _eos_token(path).encode("utf-8"))
         return h.hexdigest()
     files = sorted(
         p
