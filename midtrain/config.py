@@ -227,6 +227,8 @@ EXACTNESS_KEYS = (
     "model",
     "train.global_batch_size",
     "train.seed",
+    "train.precision",
+    "train.deterministic",
     "optimizer",
     "train.backend",
     "parallel",

@@ -119,7 +119,9 @@ def test_diff_marks_exactness_keys(spec_file: Path) -> None:
     keys = {k for k, _, _ in diff_specs(a, b)}
     assert keys == {"train.seed", "train.max_steps"}
     assert breaks_exactness("train.seed") and breaks_exactness("mixture.sources")
+    assert breaks_exactness("train.precision") and breaks_exactness("train.deterministic")
     assert not breaks_exactness("train.max_steps") and not breaks_exactness("workers")
+    assert not breaks_exactness("train.zero_stage")
 
 
 def test_spec_is_a_typed_tree(spec_file: Path) -> None:

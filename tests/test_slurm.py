@@ -260,7 +260,7 @@ def wait_until(check, what: str, slurm: SlurmCluster, run_dir: Path, timeout: fl
 def jobs(
     slurm: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict
 ) -> Iterator[dict[str, tuple[str, Path]]]:
-    """All three jobs, submitted at once (Slurm queues them): name -> (job id, run dir)."""
+    """All the jobs, submitted at once (Slurm queues them): name -> (job id, run dir)."""
     tmp = tmp_path_factory.mktemp("slurm_runs")
     submitted = {}
     for name, extra, steps in (
@@ -270,6 +270,7 @@ def jobs(
         # signals when the moment falls before its next check: within 30 s of the start, while
         # this run (minutes long) is still going.
         ("timelimit", ("--time", "1", "--signal-seconds", "50"), TIMELIMIT_STEPS),
+        ("stopped", (), STEPS),
     ):
         spec = run_spec(tmp, prepared_corpora, name, **{**LONG, "train__max_steps": steps})
         submitted[name] = (submit(spec, *extra), tmp / name)
@@ -356,3 +357,28 @@ def test_job_over_its_time_limit_checkpoints_before_it_is_killed(
     stopped_at = int(re.search(r"stopped at step (\d+)", log).group(1))
     assert 1 <= stopped_at < TIMELIMIT_STEPS
     assert stopped_at in [i.step for i in list_checkpoints(run_dir)]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_jobs_stop_checkpoints_and_ends_without_requeue(jobs: dict, slurm: SlurmCluster) -> None:
+    job_id, run_dir = jobs["stopped"]
+
+    def past_step_5() -> bool:
+        records = read_metrics(run_dir)
+        return bool(records) and records[-1]["step"] >= 5
+
+    # Queued behind the other jobs: the whole-node jobs run one after another.
+    wait_until(past_step_5, "step 5", slurm, run_dir, 2 * JOB_TIMEOUT)
+    stop = midtrain("jobs", "stop", job_id)
+    assert stop.returncode == 0 and "asked to checkpoint and stop" in stop.stderr, stop.stderr
+    wait_until(lambda: not in_queue(job_id), "the stopped job to end", slurm, run_dir, JOB_TIMEOUT)
+
+    log = job_log(run_dir)
+    assert "SIGTERM: checkpoint and stop" in log and "midtrain train exited 75" in log, log
+    assert "requeueing job" not in log and job_field(job_id, "Restarts") == "0"
+    stopped_at = int(re.search(r"stopped at step (\d+)", log).group(1))
+    assert 5 <= stopped_at < STEPS
+    assert stopped_at in [i.step for i in list_checkpoints(run_dir)]
+    status = read_status(run_dir)
+    assert status is not None and (status["status"], status["step"]) == ("preempted", stopped_at)

@@ -2,7 +2,8 @@
 one evaluation set, score every model on it (each baseline once), and collect the results.
 
 ``eval CKPT`` scores one checkpoint; ``eval RUN_DIR`` every checkpoint of the run (curves);
-``report RUN_DIR...`` the final checkpoint of each run. The held-out sources come from
+``report RUN_DIR...`` every checkpoint of each run (curves side by side; the final table is
+each run's last checkpoint). The held-out sources come from
 ``--mixture``, ``--data``, or else the run spec saved with the (first) run or checkpoint, so every
 run of a report is scored on the same windows.
 """
