@@ -14,8 +14,9 @@ from midtrain.errors import DataError
 from midtrain.fileio import atomic_write_json
 
 STATS_FORMAT = "midtrain.prepared/1"
-# The end-of-document id is compared beside the fingerprint: two tokenizers with the same
-# vocabulary can still end documents with different tokens (a base and an instruct variant).
+# What a prepared corpus must record of its tokenizer: the fingerprint (which also covers the eos
+# token) that every check of "same tokenizer" compares, the end-of-document id written after each
+# document, and the vocabulary size the model's embedding must cover.
 TOKENIZER_KEYS = ("fingerprint", "eod_id", "vocab_size")
 REQUIRED_KEYS = (
     "format",
