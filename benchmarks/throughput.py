@@ -143,8 +143,7 @@ def init_single_gpu_process_group() -> None:
 
 
 def plain_step(spec: Any) -> Any:
-    from midtrain.training.loop import sequence_losses
-    from midtrain.training.model import build_model, parameter_groups
+    from midtrain.training.model import build_model, parameter_groups, sequence_losses
 
     model = build_model(hf_config(spec), seed=1).cuda()
     opt = torch.optim.AdamW(
@@ -169,8 +168,7 @@ def plain_step(spec: Any) -> Any:
 
 def deepspeed_step(spec: Any) -> Any:
     from midtrain.training.engine import build_engine
-    from midtrain.training.loop import sequence_losses
-    from midtrain.training.model import apply_model_options, build_model
+    from midtrain.training.model import apply_model_options, build_model, sequence_losses
 
     init_single_gpu_process_group()
     model = apply_model_options(build_model(hf_config(spec), seed=1), False)

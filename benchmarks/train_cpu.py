@@ -105,8 +105,7 @@ def midtrain_tokens_per_s(spec_path: Path, warmup: int) -> float:
 def plain_tokens_per_s(spec_path: Path, warmup: int) -> float:
     """The reference: a plain loop, one process with all the threads, same model and batches."""
     from midtrain.data_mixing.tokenizer import load_tokenizer
-    from midtrain.training.loop import sequence_losses
-    from midtrain.training.model import build_model, llama_config, parameter_groups
+    from midtrain.training.model import build_model, llama_config, parameter_groups, sequence_losses
 
     spec = load_run_spec(spec_path)
     torch.set_num_threads(os.cpu_count() or 2)

@@ -14,11 +14,14 @@ from midtrain.checkpoints.megatron_convert import (
     HF_EMBED,
     HF_LM_HEAD,
     MC_EMBED,
+    MC_OUTPUT,
     GPTShape,
     fuse_qkv,
+    hf_names,
     hf_to_mcore,
     mcore_to_hf,
     padded_vocab_size,
+    pipeline_stage,
     shard_tensor_parallel,
     split_qkv,
     unshard_tensor_parallel,
@@ -281,3 +284,80 @@ def test_unsupported_models_are_refused_by_name() -> None:
         GPTShape.from_hf_config(transformers.LlamaConfig(**SMALL, attention_bias=True))
     shape = GPTShape.from_hf_config({"model_type": "llama", **SMALL})  # a config.json dict
     assert shape.head_dim == 8 and shape.num_kv_heads == 4 and not shape.tie_embeddings
+
+
+# --- pipeline stages ----------------------------------------------------------------------------
+
+
+def four_layer_model(name: str) -> tuple[dict[str, torch.Tensor], GPTShape]:
+    config_cls, model_cls, extra = MODELS[name]
+    config = config_cls(**{**SMALL, "num_hidden_layers": 4}, **extra)
+    torch.manual_seed(0)
+    state = model_cls(config).state_dict()
+    if config.tie_word_embeddings:
+        del state[HF_LM_HEAD]
+    return state, GPTShape.from_hf_config(config)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "qwen2-bias", "qwen3-qknorm"])
+@pytest.mark.parametrize("pipeline", [2, 4])
+def test_pipeline_stages_convert_their_own_layers_and_join_to_the_whole(
+    name: str, pipeline: int
+) -> None:
+    hf, shape = four_layer_model(name)
+    whole = hf_to_mcore(hf, shape, padded_vocab_size=384)
+    joined: dict[str, torch.Tensor] = {}
+    for rank in range(pipeline):
+        stage = pipeline_stage(shape.num_layers, pipeline, rank)
+        # Every rank is given the whole HF state dict and takes its stage's part of it.
+        mc = hf_to_mcore(hf, shape, padded_vocab_size=384, stage=stage)
+        per = shape.num_layers // pipeline
+        # Megatron numbers a stage's layers from 0; its tensors equal the whole model's.
+        assert {k.split(".")[2] for k in mc if k.startswith("decoder.layers.")} == {
+            str(i) for i in range(per)
+        }
+        for key, tensor in mc.items():
+            whole_key = (
+                key.replace(
+                    f"layers.{key.split('.')[2]}.", f"layers.{int(key.split('.')[2]) + rank * per}."
+                )
+                if key.startswith("decoder.layers.")
+                else key
+            )
+            if key == MC_OUTPUT and shape.tie_embeddings:
+                whole_key = MC_EMBED  # the last stage's copy of the tied embedding
+            assert torch.equal(tensor, whole[whole_key]), key
+        assert (MC_EMBED in mc) == (rank == 0)
+        assert (MC_OUTPUT in mc) == (rank == pipeline - 1)
+        back = mcore_to_hf(mc, shape, padded_vocab_size=384, stage=stage)
+        assert set(back) == set(hf_names(shape, stage)) - (
+            {HF_EMBED} if shape.tie_embeddings and rank else set()
+        )
+        assert not set(back) & set(joined)
+        joined.update(back)
+    assert set(joined) == set(hf)
+    assert all(torch.equal(joined[k], hf[k]) for k in hf)
+
+
+def test_stage_conversion_still_refuses_tensors_the_model_does_not_have() -> None:
+    hf, shape = four_layer_model("llama-gqa")
+    hf["model.layers.9.mlp.gate_proj.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.9\.mlp"):
+        hf_to_mcore(hf, shape, stage=pipeline_stage(4, 2, 1))
+    del hf["model.layers.9.mlp.gate_proj.weight"], hf["model.layers.3.mlp.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.3\.mlp\.up_proj"):
+        hf_to_mcore(hf, shape, stage=pipeline_stage(4, 2, 1))
+    hf_to_mcore(hf, shape, stage=pipeline_stage(4, 2, 0))  # stage 0 does not need layer 3
+
+
+def test_pipeline_stage_splits_layers_evenly() -> None:
+    assert [list(pipeline_stage(8, 4, r).layers) for r in range(4)] == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6, 7],
+    ]
+    with pytest.raises(ValueError, match="not divisible by pipeline 3"):
+        pipeline_stage(8, 3, 0)
+    with pytest.raises(ValueError, match="outside"):
+        pipeline_stage(8, 4, 4)

@@ -286,12 +286,12 @@ def test_apply_sets_every_param_group_and_the_step_uses_it():
     w, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr": 5.0}], lr=7.0)
     s = sched(total=20, kind="constant", warmup_steps=10, peak=0.5)
-    assert s.apply(opt, 4) == pytest.approx(0.2)
+    assert s.apply(opt.param_groups, 4) == pytest.approx(0.2)
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.2)] * 2
     (w.sum() + b.sum()).backward()
     opt.step()
     assert torch.allclose(w, torch.full((3,), 0.8)) and torch.allclose(b, torch.full((1,), 0.8))
-    s.apply(opt, 15)
+    s.apply(opt.param_groups, 15)
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
 
 

@@ -132,6 +132,41 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOC
     return -(-vocab_size // step) * step
 
 
+@dataclass(frozen=True)
+class PipelineStage:
+    """The part of the model one pipeline stage holds: a contiguous block of decoder layers, plus
+    the embedding on the first stage and the final norm and output layer on the last.
+
+    Megatron numbers a stage's layers from 0 in its state dict (``decoder.layers.0`` is global
+    layer ``first_layer``); Hugging Face names use global numbers. With tied embeddings and more
+    than one stage, the last stage holds its own copy of the embedding as ``output_layer.weight``
+    (megatron keeps the two equal by summing their gradients).
+    """
+
+    first_layer: int
+    num_layers: int
+    first: bool
+    last: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.first_layer + self.num_layers)
+
+
+def pipeline_stage(num_layers: int, pipeline: int, rank: int) -> PipelineStage:
+    """Stage ``rank`` of ``pipeline`` equal stages (megatron's default, even split)."""
+    if pipeline < 1 or not 0 <= rank < pipeline:
+        raise ValueError(f"pipeline rank {rank} is outside 0..{pipeline - 1}")
+    if num_layers % pipeline:
+        raise ValueError(f"num_layers ({num_layers}) is not divisible by pipeline {pipeline}")
+    per = num_layers // pipeline
+    return PipelineStage(rank * per, per, first=rank == 0, last=rank == pipeline - 1)
+
+
+def whole_model(shape: GPTShape) -> PipelineStage:
+    return PipelineStage(0, shape.num_layers, first=True, last=True)
+
+
 # --- names ---------------------------------------------------------------------------------------
 
 
@@ -290,21 +325,37 @@ def hf_to_mcore(
     *,
     padded_vocab_size: int | None = None,
     where: str = "the Hugging Face weights",
+    stage: PipelineStage | None = None,
 ) -> dict[str, torch.Tensor]:
     """A full (unsharded) megatron-core ``GPTModel`` state dict from an HF causal-LM state dict.
 
     Tensors keep their dtype. With tied embeddings an ``lm_head.weight`` may be present (some
     checkpoints store it) but must equal the embedding. ``padded_vocab_size`` pads the embedding
     (and output) rows with zeros, as megatron's vocab-parallel layers need for TP sizes that do
-    not divide the vocabulary.
+    not divide the vocabulary. ``stage`` converts one pipeline stage's part only (``hf`` may hold
+    the whole model; every tensor in it must still belong to the model).
     """
+    stage = stage or whole_model(shape)
+    if stage.layers.stop > shape.num_layers:
+        raise ValueError(f"stage layers {stage.layers} exceed num_layers {shape.num_layers}")
+    needed = set(hf_names(shape, stage))
+    if len(needed) < len(hf):  # a stage's subset: the rest must still be the model's tensors
+        unknown = set(hf) - set(hf_names(shape)) - {HF_LM_HEAD}
+        _Tensors({k: hf[k] for k in unknown}, where, _IGNORED_HF_SUFFIXES).finish()
+        # A tied lm_head is checked against the embedding where the stage holds one.
+        tied_head = shape.tie_embeddings and HF_EMBED in needed
+        hf = {k: v for k, v in hf.items() if k in needed or (k == HF_LM_HEAD and tied_head)}
     src = _Tensors(hf, where, _IGNORED_HF_SUFFIXES)
     h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
     vocab = _check_padding(shape, padded_vocab_size)
-    embed = src.take(HF_EMBED, (shape.vocab_size, h))
-    out: dict[str, torch.Tensor] = {MC_EMBED: _pad_rows(embed, vocab)}
-    for i in range(shape.num_layers):
-        a, m = _hf_layer(i), _mc_layer(i, spec)
+    out: dict[str, torch.Tensor] = {}
+    embed = None
+    if stage.first or (stage.last and shape.tie_embeddings):
+        embed = src.take(HF_EMBED, (shape.vocab_size, h))
+    if stage.first:
+        out[MC_EMBED] = _pad_rows(embed, vocab)
+    for local, i in enumerate(stage.layers):
+        a, m = _hf_layer(i), _mc_layer(local, spec)
         q = src.take(a["q"], (shape.num_heads * d, h))
         k = src.take(a["k"], (shape.num_kv_heads * d, h))
         v = src.take(a["v"], (shape.num_kv_heads * d, h))
@@ -323,16 +374,39 @@ def hf_to_mcore(
         gate, up = src.take(a["gate"], (f, h)), src.take(a["up"], (f, h))
         out[m["fc1"]] = torch.cat([gate, up])
         out[m["fc2"]] = src.take(a["down"], (h, f))
-    out[MC_NORM] = src.take(HF_NORM, (h,))
-    if shape.tie_embeddings:
-        if HF_LM_HEAD in hf and not torch.equal(src.take(HF_LM_HEAD, (shape.vocab_size, h)), embed):
-            raise CheckpointError(
-                f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
-            )
-    else:
-        out[MC_OUTPUT] = _pad_rows(src.take(HF_LM_HEAD, (shape.vocab_size, h)), vocab)
+    if stage.last:
+        out[MC_NORM] = src.take(HF_NORM, (h,))
+        if not shape.tie_embeddings:
+            out[MC_OUTPUT] = _pad_rows(src.take(HF_LM_HEAD, (shape.vocab_size, h)), vocab)
+        elif not stage.first:  # the last stage's own copy of the tied embedding
+            out[MC_OUTPUT] = _pad_rows(embed, vocab)
+    tied_head = shape.tie_embeddings and HF_LM_HEAD in hf and embed is not None
+    if tied_head and not torch.equal(src.take(HF_LM_HEAD, (shape.vocab_size, h)), embed):
+        raise CheckpointError(
+            f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
+        )
     src.finish()
     return out
+
+
+def hf_names(shape: GPTShape, stage: PipelineStage | None = None) -> list[str]:
+    """The HF tensor names a (stage of a) model of ``shape`` holds, as HF saves them (a tied
+    model has no ``lm_head.weight``; the last stage of a tied model needs the embedding too)."""
+    stage = stage or whole_model(shape)
+    names = [HF_EMBED] if stage.first or (stage.last and shape.tie_embeddings) else []
+    optional = {"q_bias", "k_bias", "v_bias"} if shape.qkv_bias else set()
+    optional |= {"q_norm", "k_norm"} if shape.qk_norm else set()
+    for i in stage.layers:
+        names += [
+            name
+            for key, name in _hf_layer(i).items()
+            if key not in ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm") or key in optional
+        ]
+    if stage.last:
+        names.append(HF_NORM)
+        if not shape.tie_embeddings:
+            names.append(HF_LM_HEAD)
+    return names
 
 
 def mcore_to_hf(
@@ -342,17 +416,22 @@ def mcore_to_hf(
     *,
     padded_vocab_size: int | None = None,
     where: str = "the megatron-core weights",
+    stage: PipelineStage | None = None,
 ) -> dict[str, torch.Tensor]:
     """An HF causal-LM state dict from a full megatron-core ``GPTModel`` state dict (the inverse of
     ``hf_to_mcore``). Tied models get no ``lm_head.weight``, as HF saves them. Megatron's
     ``_extra_state`` entries (TE's FP8 metadata, None for the local spec) carry no weights and
-    are skipped."""
+    are skipped. ``stage`` converts one pipeline stage's state dict (local layer numbers) to its
+    HF tensors (global numbers); the last stage's copy of a tied embedding is dropped."""
+    stage = stage or whole_model(shape)
     src = _Tensors(mc, where, ("._extra_state",))
     h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
     vocab = _check_padding(shape, padded_vocab_size)
-    out: dict[str, torch.Tensor] = {HF_EMBED: src.take(MC_EMBED, (vocab, h))[: shape.vocab_size]}
-    for i in range(shape.num_layers):
-        a, m = _hf_layer(i), _mc_layer(i, spec)
+    out: dict[str, torch.Tensor] = {}
+    if stage.first:
+        out[HF_EMBED] = src.take(MC_EMBED, (vocab, h))[: shape.vocab_size]
+    for local, i in enumerate(stage.layers):
+        a, m = _hf_layer(i), _mc_layer(local, spec)
         out[a["attn_norm"]] = src.take(m["attn_norm"], (h,))
         out[a["q"]], out[a["k"]], out[a["v"]] = split_qkv(
             src.take(m["qkv"], (shape.qkv_rows, h)), shape
@@ -367,9 +446,12 @@ def mcore_to_hf(
         out[a["mlp_norm"]] = src.take(m["mlp_norm"], (h,))
         out[a["gate"]], out[a["up"]] = src.take(m["fc1"], (2 * f, h)).chunk(2)
         out[a["down"]] = src.take(m["fc2"], (h, f))
-    out[HF_NORM] = src.take(MC_NORM, (h,))
-    if not shape.tie_embeddings:
-        out[HF_LM_HEAD] = src.take(MC_OUTPUT, (vocab, h))[: shape.vocab_size]
+    if stage.last:
+        out[HF_NORM] = src.take(MC_NORM, (h,))
+        if not shape.tie_embeddings:
+            out[HF_LM_HEAD] = src.take(MC_OUTPUT, (vocab, h))[: shape.vocab_size]
+        elif not stage.first:
+            src.take(MC_OUTPUT, (vocab, h))  # the first stage's embedding is the saved copy
     src.finish()
     # Slices and chunks are views into the fused tensors: contiguous copies save and load cleanly.
     return {k: v.contiguous() for k, v in out.items()}

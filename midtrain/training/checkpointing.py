@@ -209,7 +209,7 @@ class RunCheckpointer:
         self,
         *,
         step: int,
-        model: torch.nn.Module,
+        hf_config: transformers.PretrainedConfig,
         model_state: dict[str, torch.Tensor] | None,
         optimizer_tensors: dict[str, torch.Tensor],
         trainer_state: dict[str, Any],
@@ -232,7 +232,7 @@ class RunCheckpointer:
         self.saver.save(
             meta,
             model_state=model_state,
-            config=model.config if self.rank == 0 else None,
+            config=hf_config if self.rank == 0 else None,
             trainer_state=trainer_state,
             run_spec=self.spec.to_yaml(),
             optimizer_state=owned,

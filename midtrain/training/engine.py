@@ -1,4 +1,5 @@
-"""The DeepSpeed engine and a view of its optimizer state *per parameter*.
+"""The DeepSpeed backend: the HF model in a DeepSpeed engine, and a view of its optimizer state
+*per parameter*.
 
 Checkpoints store optimizer state per HF parameter name, full and unsharded ("<name>/exp_avg"),
 so a run saved by W ZeRO ranks loads on any number of ranks: each rank reads the full tensors and
@@ -13,6 +14,7 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -22,8 +24,10 @@ from deepspeed.utils import (
 
 from midtrain.checkpoints import Checkpoint
 from midtrain.config import RunSpec
+from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError
-from midtrain.training.model import parameter_groups
+from midtrain.training.checkpointing import StartPoint
+from midtrain.training.model import apply_model_options, parameter_groups, sequence_losses
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -198,3 +202,54 @@ def full_model_state(
     if getattr(module.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # saved once, as Hugging Face does
     return state
+
+
+class DeepSpeedBackend:
+    """``Backend`` for the HF model in a DeepSpeed engine (data parallel, ZeRO 0-3)."""
+
+    def __init__(self, spec: RunSpec, start: StartPoint, rank: int, world: int) -> None:
+        model = apply_model_options(start.build_model(), spec.model.activation_checkpointing)
+        self.engine = build_engine(model, spec)
+        if spec.model.compile:
+            self.engine.compile()
+        self.rank, self.data_rank, self.data_world = rank, rank, world
+        self.micro_batch_size = spec.train.micro_batch_size
+        self.device = self.engine.device
+        self.hf_config = self.engine.module.config
+        self.param_names = [name for name, _ in self.engine.module.named_parameters()]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.engine.optimizer.param_groups
+
+    def train_step(self, batch: Batch, num_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+        engine = self.engine
+        loss_sum = torch.zeros(num_sources, dtype=torch.float64)
+        count = torch.zeros(num_sources, dtype=torch.float64)
+        for i in range(0, batch.tokens.size(0), self.micro_batch_size):
+            tokens = batch.tokens[i : i + self.micro_batch_size].to(engine.device)
+            source_ids = batch.source_ids[i : i + self.micro_batch_size]
+            per_seq = sequence_losses(engine, tokens)
+            engine.backward(per_seq.mean())  # DeepSpeed scales by 1/accumulation steps
+            engine.step()  # steps the optimizer at the accumulation boundary only
+            loss_sum.index_add_(0, source_ids, per_seq.detach().double().cpu())
+            count.index_add_(0, source_ids, torch.ones_like(source_ids, dtype=torch.float64))
+        totals = torch.cat([loss_sum, count]).to(engine.device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        return totals[:num_sources], totals[num_sources:]
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def full_model_state(self) -> dict[str, torch.Tensor] | None:
+        return full_model_state(self.engine, self.rank)
+
+    def optimizer_state(self, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        return gather_optimizer_state(self.engine, keep)
+
+    def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
+        load_optimizer_state(self.engine, ckpt, step)
+
+    def optimizer_step_count(self) -> int:
+        return optimizer_step_count(self.engine)

@@ -1,11 +1,12 @@
-"""The training loop that every data-parallel worker runs.
+"""The training loop that every worker runs.
 
 It needs only an initialised ``torch.distributed`` process group (Ray Train sets one up; so can a
-plain multi-process launcher), so the loop itself knows nothing of Ray. One optimizer step:
+plain multi-process launcher), so the loop itself knows nothing of Ray, and nothing of the
+training backend beyond ``backend.Backend``. One optimizer step:
 
-    batch = this rank's slice of the next global batch of the mixture
-    for each micro-batch: loss per sequence -> backward (DeepSpeed accumulates)
-    DeepSpeed step (clip, AdamW, ZeRO), then losses per source are summed over ranks and logged
+    batch = this data-parallel replica's slice of the next global batch of the mixture
+    backend step: forward/backward over its micro-batches, clip, AdamW; losses per source
+    losses per source are summed over ranks and logged; checkpoint at the interval
 """
 
 from __future__ import annotations
@@ -16,27 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from midtrain.checkpoints import capture_rng_state, restore_rng_state
 from midtrain.config import RunSpec
-from midtrain.data_mixing.sampler import Batch, MixtureSampler
+from midtrain.data_mixing.sampler import MixtureSampler
+from midtrain.training.backend import Backend, build_backend
 from midtrain.training.checkpointing import RunCheckpointer, resolve_start
 from midtrain.training.control import StopFlag
-from midtrain.training.engine import (
-    build_engine,
-    full_model_state,
-    gather_optimizer_state,
-    load_optimizer_state,
-    optimizer_step_count,
-)
 from midtrain.training.flops import mfu, peak_flops, training_flops_per_token
 from midtrain.training.metrics import MetricsWriter
-from midtrain.training.model import apply_model_options
 
 
 @dataclass
@@ -68,41 +60,10 @@ class Outcome:
     loss: float | None
 
 
-def sequence_losses(engine: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sequence in ``tokens`` [B, L+1] -> [B]."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = engine(input_ids=inputs).logits
-    losses = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-    )
-    return losses.view(targets.shape).mean(dim=1)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def train_step(
-    engine: deepspeed.DeepSpeedEngine, batch: Batch, micro_batch_size: int, num_sources: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this rank's batch; returns (loss sum, sequence count) per source,
-    summed over all ranks."""
-    loss_sum = torch.zeros(num_sources, dtype=torch.float64)
-    count = torch.zeros(num_sources, dtype=torch.float64)
-    for i in range(0, batch.tokens.size(0), micro_batch_size):
-        tokens = batch.tokens[i : i + micro_batch_size].to(engine.device)
-        source_ids = batch.source_ids[i : i + micro_batch_size]
-        per_seq = sequence_losses(engine, tokens)
-        engine.backward(per_seq.mean())  # DeepSpeed scales by 1/accumulation steps
-        engine.step()  # steps the optimizer at the accumulation boundary only
-        loss_sum.index_add_(0, source_ids, per_seq.detach().double().cpu())
-        count.index_add_(0, source_ids, torch.ones_like(source_ids, dtype=torch.float64))
-    totals = torch.cat([loss_sum, count]).to(engine.device)  # NCCL reduces GPU tensors only
-    dist.all_reduce(totals)
-    totals = totals.cpu()
-    return totals[:num_sources], totals[num_sources:]
 
 
 def train(spec: RunSpec) -> Outcome:
@@ -116,38 +77,33 @@ def train(spec: RunSpec) -> Outcome:
     dist.barrier()
     if start is None:
         start = resolve_start(spec, verify=False)
-    model = apply_model_options(start.build_model(), spec.model.activation_checkpointing)
-    engine = build_engine(model, spec)
-    if spec.model.compile:
-        engine.compile()
+    backend = build_backend(spec, start, rank, world)
     sampler = MixtureSampler(spec.mixture, total_sequences=spec.total_sequences)
     schedule = spec.schedule.build(
         peak_lr=spec.optimizer.lr, total_steps=spec.train.max_steps, rewarm_from_lr=start.lr
     )
     progress = Progress(tokens_by_source={name: 0 for name in sampler.source_names})
     if start.optimizer is not None:
-        load_optimizer_state(engine, start.optimizer, start.optimizer_step)
+        backend.load_optimizer_state(start.optimizer, start.optimizer_step)
     if start.resume_state is not None:
         state = start.resume_state
         sampler.load_state_dict(state["sampler"])
         progress = Progress(state["step"], state["tokens"], dict(state["tokens_by_source"]))
         restore_rng_state(state["rng"])
 
-    checkpointer = RunCheckpointer(
-        spec, rank, world, start, [name for name, _ in engine.module.named_parameters()]
-    )
-    stop = StopFlag(spec.run_dir, engine.device)
-    metrics = StepMetrics(spec, engine, sampler.source_names, progress.step) if rank == 0 else None
+    checkpointer = RunCheckpointer(spec, rank, world, start, backend.param_names)
+    stop = StopFlag(spec.run_dir, backend.device)
+    metrics = StepMetrics(spec, backend, sampler.source_names, progress.step) if rank == 0 else None
     loss, status = None, "completed"
 
     while progress.step < spec.train.max_steps:
         t0 = time.perf_counter()
         step = progress.step
-        lr = schedule.apply(engine.optimizer, step)
-        batch = sampler.next_batch_for_rank(spec.train.global_batch_size, rank, world)
-        loss_sum, count = train_step(
-            engine, batch, spec.train.micro_batch_size, len(sampler.source_names)
+        lr = schedule.apply(backend.param_groups(), step)
+        batch = sampler.next_batch_for_rank(
+            spec.train.global_batch_size, backend.data_rank, backend.data_world
         )
+        loss_sum, count = backend.train_step(batch, len(sampler.source_names))
         loss = progress.advance(loss_sum, count, sampler.source_names, spec.mixture.seq_length)
         if metrics is not None:
             metrics.log(
@@ -163,14 +119,14 @@ def train(spec: RunSpec) -> Outcome:
         ):
             checkpointer.save(
                 step=progress.step,
-                model=engine.module,
-                model_state=full_model_state(engine, rank),
-                optimizer_tensors=gather_optimizer_state(engine, keep=checkpointer.owns),
+                hf_config=backend.hf_config,
+                model_state=backend.full_model_state(),
+                optimizer_tensors=backend.optimizer_state(keep=checkpointer.owns),
                 trainer_state={
                     **progress.state_dict(),
                     "sampler": sampler.state_dict(),
                     "schedule": schedule.state_dict(),
-                    "optimizer_step": optimizer_step_count(engine),
+                    "optimizer_step": backend.optimizer_step_count(),
                     "rng": capture_rng_state(),
                     "rewarm_from_lr": start.lr,
                     "world_size": world,
@@ -196,14 +152,12 @@ class StepMetrics:
     """Rank 0's per-step record: loss per source, tokens per source, LR, grad norm, speed, MFU."""
 
     def __init__(
-        self, spec: RunSpec, engine: deepspeed.DeepSpeedEngine, sources: list[str], start_step: int
+        self, spec: RunSpec, backend: Backend, sources: list[str], start_step: int
     ) -> None:
-        self.engine, self.sources = engine, sources
+        self.backend, self.sources = backend, sources
         self.tokens_per_step = spec.train.global_batch_size * spec.mixture.seq_length
-        self.flops_per_token = training_flops_per_token(
-            engine.module.config, spec.mixture.seq_length
-        )
-        self.peak = peak_flops(engine.device, "bf16" if spec.train.precision == "bf16" else "fp32")
+        self.flops_per_token = training_flops_per_token(backend.hf_config, spec.mixture.seq_length)
+        self.peak = peak_flops(backend.device, "bf16" if spec.train.precision == "bf16" else "fp32")
         self.world = spec.workers
         self.writer = MetricsWriter(spec.run_dir, start_step, spec.train.tensorboard)
 
@@ -217,7 +171,7 @@ class StepMetrics:
         seconds: float,
     ) -> None:
         tokens_per_s = self.tokens_per_step / seconds
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.backend.grad_norm()
         self.writer.log(
             {
                 "step": progress.step,
@@ -231,7 +185,7 @@ class StepMetrics:
                 "tokens_by_source": dict(progress.tokens_by_source),
                 "lr": lr,
                 "phase": phase,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.peak),
                 "step_time_s": seconds,

@@ -28,19 +28,16 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from midtrain.config_io import StrictModel
 from midtrain.errors import ConfigError
 from midtrain.fileio import atomic_write_bytes
-
-if TYPE_CHECKING:  # torch is only needed by the trainer, not to read or validate a config
-    import torch
 
 Kind = Literal["constant", "wsd", "cosine", "linear"]
 DecayShape = Literal["linear", "cosine", "1-sqrt"]
@@ -220,14 +217,14 @@ class LRSchedule:
         ]
         return [(phase, a, b) for phase, a, b in bounds if b > a]
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+    def apply(self, param_groups: Iterable[dict[str, Any]], step: int) -> float:
         """Set the LR of every param group for ``step`` (call before each optimizer step).
 
         Setting it each step, rather than through a torch LRScheduler, leaves no scheduler state
         to save, and overrides any LR an optimizer state loaded from a checkpoint carried.
         """
         lr = self.lr(step)
-        for group in optimizer.param_groups:
+        for group in param_groups:
             group["lr"] = lr
         return lr
 

@@ -1,0 +1,72 @@
+"""What the training loop needs from a training backend, and how a run spec picks one.
+
+Two backends share the loop, the mixture sampler and the checkpoint store:
+
+* ``deepspeed`` (``engine.DeepSpeedBackend``): the Hugging Face model in a DeepSpeed engine,
+  data parallel with ZeRO stages 0-3; runs on CPUs (gloo) and GPUs.
+* ``megatron`` (``megatron_engine.MegatronBackend``): megatron-core's ``GPTModel`` with tensor and
+  pipeline parallelism, megatron's DDP and distributed optimizer; CUDA only.
+
+Both speak Hugging Face names at the boundary: checkpoints hold full (unsharded) HF-named weights
+and per-parameter optimizer state (``<name>/master``, ``<name>/exp_avg``, ``<name>/exp_avg_sq``),
+so a checkpoint written by either backend, at any parallel layout, starts or resumes the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+import transformers
+
+from midtrain.checkpoints import Checkpoint
+from midtrain.config import RunSpec
+from midtrain.data_mixing.sampler import Batch
+
+
+class Backend(Protocol):
+    device: torch.device
+    hf_config: transformers.PretrainedConfig
+    param_names: list[str]  # HF names of the trained parameters, the same list on every rank
+    data_rank: int  # this rank's data-parallel replica: which rows of each global batch it reads
+    data_world: int  # data-parallel replicas
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups, whose ``lr`` the schedule sets before each step."""
+        ...
+
+    def train_step(self, batch: Batch, num_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this replica's rows of the global batch. Returns CPU float64
+        (loss sum, sequence count) per source, summed over the whole global batch (all ranks)."""
+        ...
+
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last step, before clipping."""
+        ...
+
+    def full_model_state(self) -> dict[str, torch.Tensor] | None:
+        """A collective: the full HF-named weights as CPU copies on rank 0, None elsewhere."""
+        ...
+
+    def optimizer_state(self, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """A collective: full per-parameter optimizer tensors (CPU copies) of the HF names that
+        ``keep`` selects on this rank; empty before the first step."""
+        ...
+
+    def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
+        """Master weights and moments from a checkpoint saved at any parallel layout."""
+        ...
+
+    def optimizer_step_count(self) -> int: ...
+
+
+def build_backend(spec: RunSpec, start: Any, rank: int, world: int) -> Backend:
+    """The backend ``train.backend`` names, with the start point's weights loaded."""
+    if spec.train.backend == "megatron":
+        from midtrain.training.megatron_engine import MegatronBackend
+
+        return MegatronBackend(spec, start, rank, world)
+    from midtrain.training.engine import DeepSpeedBackend
+
+    return DeepSpeedBackend(spec, start, rank, world)
