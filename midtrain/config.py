@@ -169,6 +169,14 @@ class RunSpec(StrictModel):
             t.backend, par.tensor, par.pipeline, self.workers, self.launch.use_gpu
         ):
             raise ValueError(problem)
+        if t.backend == "megatron" and (
+            self.model.compile or self.model.attn_implementation != "sdpa"
+        ):
+            key = "model.compile" if self.model.compile else "model.attn_implementation"
+            raise ValueError(
+                f"{key}: applies to the deepspeed backend's HF model only; the megatron backend "
+                f"uses megatron-core's own kernels (Transformer Engine when installed)"
+            )
         if self.model.config is not None and (
             problem := shape_problem(
                 par.tensor,

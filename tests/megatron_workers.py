@@ -226,6 +226,55 @@ def cpu_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def layout_worker(rank: int, world: int, port: int, out: str) -> None:
+    """The megatron backend's weight paths at tensor 2 x pipeline 2 (4 gloo processes), against
+    megatron-core's real ``GPTModel`` stages: each rank's converted part loads into its stage (the
+    names and shapes are the model's own), each parameter rebuilds from the HF tensors it is made
+    of (the optimizer-state load path), and the stages gather back to the HF weights on rank 0."""
+    _start(rank, world, port, "gloo")
+    from megatron.core import parallel_state
+
+    from midtrain.training.megatron_engine import RankConversion, gather_model_state
+    from midtrain.training.megatron_model import build_gpt_model, load_mcore_weights
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=2
+    )
+    results: dict[str, Any] = {}
+    # Untied models only: megatron's GPTModel copies a tied embedding to the last stage with
+    # .cuda(), so tied pipeline stages need a GPU.
+    for name in ("llama-gqa", "qwen2-bias", "qwen3-qknorm"):
+        hf = hf_model(name)
+        weights = hf_weights(hf)
+        conv = RankConversion.from_parallel_state(hf.config, "local")
+        model = build_gpt_model(
+            hf.config, tensor_parallel=2, pipeline_parallel=2, padded_vocab_size=conv.padded_vocab
+        )
+        load_mcore_weights(model, conv.rank_weights(weights, name), name)
+        params = list(model.named_parameters())
+        rebuilt = all(
+            torch.equal(conv.rank_piece(n, {p: weights[p] for p in conv.hf_parts(n)}), param)
+            for n, param in params
+        )
+        gathered = gather_model_state(conv, params, data_rank=0, device=torch.device("cpu"))
+        found = {"stage_layers": list(conv.stage.layers), "pieces_rebuild": rebuilt}
+        if rank == 0:
+            assert gathered is not None
+            found["gathered_keys_equal"] = gathered.keys() == weights.keys()
+            found["gathered_equal"] = all(
+                torch.equal(gathered[k], weights[k]) for k in weights if k in gathered
+            )
+        else:
+            found["gathered_is_none"] = gathered is None
+        per_rank: list[Any] = [None] * world
+        dist.all_gather_object(per_rank, found)
+        results[name] = per_rank
+    parallel_state.destroy_model_parallel()
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
 def gpu_worker(rank: int, world: int, port: int, out: str) -> None:
     """megatron-core's complete ``GPTModel.forward`` on a GPU vs HF: fp32 and bf16, for the local
     spec with SDPA, the local spec with megatron's own attention, and TE's spec where installed."""
@@ -276,4 +325,17 @@ def gpu_worker(rank: int, world: int, port: int, out: str) -> None:
     _tp_section(1, results, body)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def train_worker(rank: int, world: int, port: int, spec_path: str) -> None:
+    """midtrain's training loop (``train.backend`` from the spec) on ``world`` GPUs (NCCL)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
+    )
+    _start(rank, world, port, "nccl")
+    from midtrain.config import load_run_spec
+    from midtrain.training.loop import train
+
+    train(load_run_spec(spec_path))
     dist.destroy_process_group()

@@ -18,7 +18,10 @@ from midtrain.checkpoints.megatron_convert import (
     GPTShape,
     fuse_qkv,
     hf_names,
+    hf_parts,
     hf_to_mcore,
+    hf_to_mcore_tensor,
+    mcore_tensor_to_hf,
     mcore_to_hf,
     padded_vocab_size,
     pipeline_stage,
@@ -361,3 +364,44 @@ def test_pipeline_stage_splits_layers_evenly() -> None:
         pipeline_stage(8, 3, 0)
     with pytest.raises(ValueError, match="outside"):
         pipeline_stage(8, 4, 4)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "qwen2-bias", "qwen3-qknorm"])
+@pytest.mark.parametrize("spec", ["local", "te"])
+def test_one_tensor_at_a_time_matches_the_whole_state_dict_conversion(name: str, spec: str) -> None:
+    hf, shape = four_layer_model(name)
+    for rank in range(2):
+        stage = pipeline_stage(shape.num_layers, 2, rank)
+        mc = hf_to_mcore(hf, shape, spec, padded_vocab_size=384, stage=stage)  # type: ignore[arg-type]
+        whole_back = mcore_to_hf(mc, shape, spec, padded_vocab_size=384, stage=stage)  # type: ignore[arg-type]
+        back: dict[str, torch.Tensor] = {}
+        for mc_name, tensor in mc.items():
+            pieces = mcore_tensor_to_hf(
+                mc_name, tensor, shape, spec, padded_vocab_size=384, stage=stage
+            )  # type: ignore[arg-type]
+            assert list(pieces) == hf_parts(mc_name, shape, spec, stage=stage)  # type: ignore[arg-type]
+            back.update(pieces)
+            rebuilt = hf_to_mcore_tensor(
+                mc_name, hf, shape, spec, padded_vocab_size=384, stage=stage
+            )  # type: ignore[arg-type]
+            assert torch.equal(rebuilt, tensor), mc_name
+        assert back.keys() == whole_back.keys()
+        assert all(torch.equal(back[k], whole_back[k]) for k in back)
+
+
+def test_one_tensor_conversion_names_what_is_wrong() -> None:
+    hf, shape = four_layer_model("llama-gqa")
+    stage = pipeline_stage(4, 2, 1)
+    assert hf_parts("decoder.layers.1.mlp.linear_fc1.weight", shape, stage=stage) == [
+        "model.layers.3.mlp.gate_proj.weight",
+        "model.layers.3.mlp.up_proj.weight",
+    ]
+    with pytest.raises(
+        CheckpointError, match=r"decoder\.layers\.2\.mlp\.linear_fc1\.weight: not a"
+    ):
+        hf_parts("decoder.layers.2.mlp.linear_fc1.weight", shape, stage=stage)  # stage has 2
+    del hf["model.layers.3.mlp.up_proj.weight"]
+    with pytest.raises(
+        CheckpointError, match=r"linear_fc1\.weight: missing HF tensor model\.layers\.3\.mlp\.up"
+    ):
+        hf_to_mcore_tensor("decoder.layers.1.mlp.linear_fc1.weight", hf, shape, stage=stage)

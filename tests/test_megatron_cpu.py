@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch.multiprocessing as mp
-from megatron_workers import MODELS, cpu_worker, free_port
+from megatron_workers import MODELS, cpu_worker, free_port, layout_worker
 
 # fp32, two tiny layers: the two implementations differ only in the order of float operations.
 FP32_ATOL = 1e-5
@@ -52,3 +52,22 @@ def test_tensor_parallel_2_logits_equal_hf(results: dict[str, Any], name: str) -
     assert found["logits_shape"] == [2, 24, 512]  # vocab 400 padded for TP 2, gathered
     assert found["max_abs_diff"] < FP32_ATOL
     assert found["round_trip_equal"]
+
+
+@pytest.fixture(scope="module")
+def layout_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("megatron_layout") / "results.json"
+    mp.spawn(layout_worker, args=(4, free_port(), str(out)), nprocs=4, join=True)
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "qwen3-qknorm"])
+def test_tensor_2_pipeline_2_weights_load_and_gather_back(
+    layout_results: dict[str, Any], name: str
+) -> None:
+    ranks = layout_results[name]
+    # megatron's rank order: tensor-parallel ranks adjacent, pipeline stages outermost.
+    assert [r["stage_layers"] for r in ranks] == [[0], [0], [1], [1]]
+    assert all(r["pieces_rebuild"] for r in ranks)
+    assert ranks[0]["gathered_keys_equal"] and ranks[0]["gathered_equal"]
+    assert all(r["gathered_is_none"] for r in ranks[1:])

@@ -134,11 +134,12 @@ def test_megatron_on_a_machine_without_cuda_is_a_clear_error(spec_file: Path) ->
     assert NO_GPU in message
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_megatron_is_refused_until_wired_into_the_trainer(spec_file: Path) -> None:
-    # Never a silent DeepSpeed run when megatron was asked for.
-    assert "not yet wired" in error(spec_file, ["train.backend=megatron"])
+def test_hf_model_options_are_refused_for_megatron(spec_file: Path) -> None:
+    # Options of the HF model that megatron-core's GPTModel has no use for: named, not ignored.
+    message = error(spec_file, ["train.backend=megatron", "model.compile=true"])
+    assert "model.compile: applies to the deepspeed backend's HF model only" in message
+    message = error(spec_file, ["train.backend=megatron", "model.attn_implementation=eager"])
+    assert "model.attn_implementation: applies to the deepspeed backend" in message
 
 
 def test_unknown_backend_and_keys_are_named(spec_file: Path) -> None:

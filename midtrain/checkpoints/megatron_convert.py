@@ -457,6 +457,92 @@ def mcore_to_hf(
     return {k: v.contiguous() for k, v in out.items()}
 
 
+# --- one tensor at a time ------------------------------------------------------------------------
+
+# Layer tensors: megatron key (``_mc_layer``) -> the HF keys (``_hf_layer``) it is made of.
+_LAYER_PARTS = {
+    "attn_norm": ("attn_norm",),
+    "qkv": ("q", "k", "v"),
+    "qkv_bias": ("q_bias", "k_bias", "v_bias"),
+    "q_norm": ("q_norm",),
+    "k_norm": ("k_norm",),
+    "proj": ("o",),
+    "mlp_norm": ("mlp_norm",),
+    "fc1": ("gate", "up"),
+    "fc2": ("down",),
+}
+
+
+def hf_parts(
+    name: str, shape: GPTShape, spec: LayerSpec = "local", *, stage: PipelineStage | None = None
+) -> list[str]:
+    """The HF tensor names that the megatron-core tensor ``name`` (a stage's local name) is made
+    of, in order; empty for the last stage's copy of a tied embedding (the first stage's
+    embedding is the saved one)."""
+    stage = stage or whole_model(shape)
+    if name == MC_EMBED:
+        return [HF_EMBED]
+    if name == MC_NORM:
+        return [HF_NORM]
+    if name == MC_OUTPUT:
+        return [] if shape.tie_embeddings else [HF_LM_HEAD]
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["decoder", "layers"] and parts[2].isdigit():
+        local = int(parts[2])
+        for key, mc_name in _mc_layer(local, spec).items():
+            if mc_name == name and local < stage.num_layers:
+                hf_layer = _hf_layer(stage.first_layer + local)
+                return [hf_layer[k] for k in _LAYER_PARTS[key]]
+    raise CheckpointError(f"{name}: not a tensor of a Llama-shaped megatron-core GPTModel")
+
+
+def mcore_tensor_to_hf(
+    name: str,
+    tensor: torch.Tensor,
+    shape: GPTShape,
+    spec: LayerSpec = "local",
+    *,
+    padded_vocab_size: int | None = None,
+    stage: PipelineStage | None = None,
+) -> dict[str, torch.Tensor]:
+    """One full (TP-unsharded) megatron-core tensor as the HF tensors it holds: ``mcore_to_hf``
+    for a single tensor, so that per-parameter state (optimizer moments, master weights) converts
+    one parameter at a time."""
+    names = hf_parts(name, shape, spec, stage=stage)
+    if name in (MC_EMBED, MC_OUTPUT):
+        pieces = [tensor[: shape.vocab_size]] if names else []
+    elif len(names) == 3:
+        pieces = list(split_qkv(tensor, shape))
+    elif len(names) == 2:
+        pieces = list(tensor.chunk(2))
+    else:
+        pieces = [tensor]
+    return {n: p.contiguous() for n, p in zip(names, pieces, strict=True)}
+
+
+def hf_to_mcore_tensor(
+    name: str,
+    hf: Mapping[str, torch.Tensor],
+    shape: GPTShape,
+    spec: LayerSpec = "local",
+    *,
+    padded_vocab_size: int | None = None,
+    stage: PipelineStage | None = None,
+) -> torch.Tensor:
+    """The full megatron-core tensor ``name`` from the HF tensors ``hf_parts`` names (the inverse
+    of ``mcore_tensor_to_hf``; the last stage's tied output layer is built from the embedding)."""
+    names = hf_parts(name, shape, spec, stage=stage) or [HF_EMBED]
+    missing = [n for n in names if n not in hf]
+    if missing:
+        raise CheckpointError(f"{name}: missing HF tensor {missing[0]}")
+    pieces = [hf[n] for n in names]
+    if name in (MC_EMBED, MC_OUTPUT):
+        return _pad_rows(pieces[0], _check_padding(shape, padded_vocab_size))
+    if len(pieces) == 3:
+        return fuse_qkv(*pieces, shape)
+    return torch.cat(pieces) if len(pieces) == 2 else pieces[0]
+
+
 # --- tensor parallel ------------------------------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ so a checkpoint written by either backend, at any parallel layout, starts or res
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -23,12 +22,12 @@ import transformers
 from midtrain.checkpoints import Checkpoint
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
+from midtrain.training.checkpointing import StartPoint
 
 
 class Backend(Protocol):
     device: torch.device
     hf_config: transformers.PretrainedConfig
-    param_names: list[str]  # HF names of the trained parameters, the same list on every rank
     data_rank: int  # this rank's data-parallel replica: which rows of each global batch it reads
     data_world: int  # data-parallel replicas
 
@@ -49,9 +48,9 @@ class Backend(Protocol):
         """A collective: the full HF-named weights as CPU copies on rank 0, None elsewhere."""
         ...
 
-    def optimizer_state(self, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        """A collective: full per-parameter optimizer tensors (CPU copies) of the HF names that
-        ``keep`` selects on this rank; empty before the first step."""
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """A collective: the full per-parameter optimizer tensors (CPU copies) that this rank
+        saves; every parameter is saved by exactly one rank. Empty before the first step."""
         ...
 
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
@@ -61,7 +60,7 @@ class Backend(Protocol):
     def optimizer_step_count(self) -> int: ...
 
 
-def build_backend(spec: RunSpec, start: Any, rank: int, world: int) -> Backend:
+def build_backend(spec: RunSpec, start: StartPoint, rank: int, world: int) -> Backend:
     """The backend ``train.backend`` names, with the start point's weights loaded."""
     if spec.train.backend == "megatron":
         from midtrain.training.megatron_engine import MegatronBackend

@@ -26,7 +26,6 @@ from midtrain.checkpoints import (
     CheckpointMeta,
     CheckpointSaver,
     load_checkpoint,
-    split_optimizer_key,
 )
 from midtrain.checkpoints.layout import MANIFEST
 from midtrain.checkpoints.store import latest_checkpoint
@@ -188,9 +187,7 @@ def check_start(spec: RunSpec, resuming: bool) -> StartPoint:
 class RunCheckpointer:
     """The trainer's side of saving: who writes what, and the manifest's facts about the step."""
 
-    def __init__(
-        self, spec: RunSpec, rank: int, world: int, start: StartPoint, param_names: list[str]
-    ) -> None:
+    def __init__(self, spec: RunSpec, rank: int, world: int, start: StartPoint) -> None:
         self.spec, self.rank, self.world = spec, rank, world
         self.parent = start.parent
         self.saver = CheckpointSaver(
@@ -203,7 +200,6 @@ class RunCheckpointer:
             log=self._log if rank == 0 else None,
         )
         self.events = events_path(spec.run_dir)
-        self._owner = {name: i % world for i, name in enumerate(param_names)}
 
     def save(
         self,
@@ -228,22 +224,16 @@ class RunCheckpointer:
             parent=self.parent,
             keep=bool(keep_every and step % keep_every == 0),
         )
-        owned = {k: v for k, v in optimizer_tensors.items() if self.owns(split_optimizer_key(k)[0])}
         self.saver.save(
             meta,
             model_state=model_state,
             config=hf_config if self.rank == 0 else None,
             trainer_state=trainer_state,
             run_spec=self.spec.to_yaml(),
-            optimizer_state=owned,
+            optimizer_state=optimizer_tensors,  # this rank's share (the backend deals them)
             blocking=blocking,
             snapshot=False,  # the gathered tensors are fresh CPU copies that nothing changes
         )
-
-    def owns(self, param_name: str) -> bool:
-        """Whether this rank saves the optimizer state of ``param_name``: parameters are dealt
-        round-robin over ranks, so every rank writes about the same amount."""
-        return self._owner[param_name] == self.rank
 
     def close(self) -> None:
         self.saver.close()

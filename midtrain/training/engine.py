@@ -216,7 +216,10 @@ class DeepSpeedBackend:
         self.micro_batch_size = spec.train.micro_batch_size
         self.device = self.engine.device
         self.hf_config = self.engine.module.config
-        self.param_names = [name for name, _ in self.engine.module.named_parameters()]
+        # Parameters are dealt round-robin over ranks for saving, so every rank writes about the
+        # same amount of optimizer state.
+        names = [name for name, _ in self.engine.module.named_parameters()]
+        self._saved_here = {name for i, name in enumerate(names) if i % world == rank}
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
@@ -245,8 +248,8 @@ class DeepSpeedBackend:
     def full_model_state(self) -> dict[str, torch.Tensor] | None:
         return full_model_state(self.engine, self.rank)
 
-    def optimizer_state(self, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        return gather_optimizer_state(self.engine, keep)
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return gather_optimizer_state(self.engine, keep=self._saved_here.__contains__)
 
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
         load_optimizer_state(self.engine, ckpt, step)

@@ -11,6 +11,7 @@ training backend beyond ``backend.Backend``. One optimizer step:
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ def seed_everything(seed: int) -> None:
 def train(spec: RunSpec) -> Outcome:
     rank, world = dist.get_rank(), dist.get_world_size()
     if spec.train.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(spec.train.seed)
 
@@ -91,7 +94,7 @@ def train(spec: RunSpec) -> Outcome:
         progress = Progress(state["step"], state["tokens"], dict(state["tokens_by_source"]))
         restore_rng_state(state["rng"])
 
-    checkpointer = RunCheckpointer(spec, rank, world, start, backend.param_names)
+    checkpointer = RunCheckpointer(spec, rank, world, start)
     stop = StopFlag(spec.run_dir, backend.device)
     metrics = StepMetrics(spec, backend, sampler.source_names, progress.step) if rank == 0 else None
     loss, status = None, "completed"
@@ -121,7 +124,7 @@ def train(spec: RunSpec) -> Outcome:
                 step=progress.step,
                 hf_config=backend.hf_config,
                 model_state=backend.full_model_state(),
-                optimizer_tensors=backend.optimizer_state(keep=checkpointer.owns),
+                optimizer_tensors=backend.optimizer_state(),
                 trainer_state={
                     **progress.state_dict(),
                     "sampler": sampler.state_dict(),

@@ -115,8 +115,10 @@ def transformer_config(
     spec: LayerSpec = "local",
     sequence_parallel: bool = False,
     on_gpu: bool = True,
+    recompute: bool = False,
 ) -> TransformerConfig:
-    """megatron-core's ``TransformerConfig`` for a Llama-family HF config."""
+    """megatron-core's ``TransformerConfig`` for a Llama-family HF config. ``recompute``: full
+    activation checkpointing of every layer (megatron's ``full``/``uniform``, one layer a chunk)."""
     shape = GPTShape.from_hf_config(hf_config)
     te = spec == "te"
     return TransformerConfig(
@@ -149,6 +151,10 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=not on_gpu,
+        pipeline_dtype=dtype,  # the dtype of activations sent between pipeline stages
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
     )
 
 
@@ -180,6 +186,7 @@ def build_gpt_model(
     max_sequence_length: int | None = None,
     sequence_parallel: bool = False,
     sdpa: bool = True,
+    recompute: bool = False,
 ) -> GPTModel:
     """A freshly initialised ``GPTModel`` of the HF config's shape, on the current CUDA device
     (or on the CPU where there is none). Call ``initialize_model_parallel`` first."""
@@ -194,6 +201,7 @@ def build_gpt_model(
         spec=spec,
         sequence_parallel=sequence_parallel,
         on_gpu=torch.cuda.is_available(),
+        recompute=recompute,
     )
     return GPTModel(
         config=config,

@@ -73,18 +73,11 @@ def check_model_fits(tensor: int, pipeline: int, hf_config: Any, where: str) -> 
 
 
 def backend_unavailable(backend: str) -> str | None:
-    """Why ``backend`` cannot run on this machine, or None.
-
-    The megatron backend is not wired into ``midtrain train`` yet (issue 8): selecting it is
-    refused here, so that a run never silently trains with DeepSpeed instead.
-    """
+    """Why ``backend`` cannot run on this machine, or None."""
     if backend != "megatron":
         return None
     import torch
 
     if not torch.cuda.is_available():
         return "train.backend: the megatron backend needs a CUDA GPU, and none is visible here"
-    return (
-        "train.backend: the megatron backend is not yet wired into `midtrain train` (issue 8); "
-        "use train.backend: deepspeed"
-    )
+    return None

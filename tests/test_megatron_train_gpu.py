@@ -1,0 +1,168 @@
+"""The megatron backend inside midtrain's trainer, on a GPU (one rank, NCCL): continued
+pretraining from a Hugging Face directory, exact resume, agreement with the DeepSpeed backend on
+the same weights and batches, and a megatron checkpoint resumed by the DeepSpeed backend.
+
+Each run is a fresh process (``torch.multiprocessing.spawn``): megatron-core keeps its parallel
+groups in module globals. Tensor and pipeline sizes above 1 need several GPUs; their weight paths
+are checked on CPU in test_megatron_cpu.py (tensor 2 x pipeline 2 over gloo).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import transformers
+import yaml
+from megatron_workers import free_port, train_worker
+
+from midtrain.checkpoints import load_checkpoint
+from midtrain.data_mixing.tokenizer import load_tokenizer
+from midtrain.training.metrics import read_metrics
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict[str, Path]) -> Path:
+    """A small Llama in a plain HF directory, as `ckpt import-hf` users have."""
+    vocab = len(load_tokenizer(str(prepared_corpora["tokenizer"])))
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def spec_file(tmp: Path, corpora: dict[str, Path], hf: Path, run: str, **train: Any) -> Path:
+    spec = {
+        "run_dir": str(tmp / run),
+        "model": {"from_checkpoint": str(hf), "tokenizer": str(corpora["tokenizer"])},
+        "mixture": {
+            "seq_length": 64,
+            "seed": 2,
+            "sources": [
+                {
+                    "name": "legal",
+                    "kind": "customer",
+                    "path": [str(corpora["legal"])],
+                    "weight": 0.5,
+                },
+                {
+                    "name": "general",
+                    "kind": "curated",
+                    "path": [str(corpora["general"])],
+                    "weight": 0.5,
+                },
+            ],
+        },
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "grad_clip": 1.0},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "max_steps": STEPS,
+            "seed": 3,
+            "precision": "fp32",
+            "backend": "megatron",
+            **train,
+        },
+        "checkpoint": {"interval": 4, "keep_last": 5, "async_save": True},
+        "workers": 1,
+    }
+    path = tmp / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(spec: Path) -> list[dict[str, Any]]:
+    mp.spawn(train_worker, args=(1, free_port(), str(spec)), nprocs=1, join=True)
+    return read_metrics(yaml.safe_load(spec.read_text())["run_dir"])
+
+
+def rewind(run_dir: Path, to: Path, step: int) -> Path:
+    """A copy of a run whose latest checkpoint is ``step``: resuming it repeats what followed."""
+    shutil.copytree(run_dir, to)
+    for ckpt in (to / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return to
+
+
+@pytest.fixture(scope="module")
+def megatron_run(
+    tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict[str, Path], hf_dir: Path
+) -> tuple[Path, Path, list[dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("megatron_train")
+    spec = spec_file(tmp, prepared_corpora, hf_dir, "megatron")
+    return tmp, spec, run(spec)
+
+
+def test_continued_pretraining_from_hf_learns_and_saves_hf_weights(megatron_run: Any) -> None:
+    tmp, spec, records = megatron_run
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert set(records[-1]["loss_by_source"]) == {"legal", "general"}
+    ckpt = load_checkpoint(tmp / "megatron")
+    assert ckpt.step == STEPS and ckpt.has_optimizer
+    # The checkpoint holds complete HF weights: they load strictly into the HF model.
+    model = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(ckpt.path))
+    model.load_state_dict(ckpt.model_state_dict(), strict=True)
+    keys = set(ckpt.optimizer_keys())
+    for name, _ in model.named_parameters():
+        assert {f"{name}/master", f"{name}/exp_avg", f"{name}/exp_avg_sq"} <= keys, name
+
+
+def test_resume_is_exact(megatron_run: Any) -> None:
+    tmp, spec, records = megatron_run
+    resumed_dir = rewind(tmp / "megatron", tmp / "resumed", 4)
+    resumed_spec = tmp / "resumed.yaml"
+    data = yaml.safe_load(spec.read_text())
+    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed_dir)}))
+    again = run(resumed_spec)
+    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
+    for a, b in zip(records, again, strict=True):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"])
+
+
+def test_deepspeed_agrees_and_resumes_a_megatron_checkpoint(
+    megatron_run: Any, prepared_corpora: dict[str, Path], hf_dir: Path
+) -> None:
+    tmp, spec, records = megatron_run
+    # Same weights, batches and optimizer settings: the two backends compute the same steps up
+    # to floating-point order (fp32, TF32 off by default for matmuls in torch).
+    ds = run(spec_file(tmp, prepared_corpora, hf_dir, "deepspeed", backend="deepspeed"))
+    assert ds[0]["loss"] == pytest.approx(records[0]["loss"], abs=1e-4)
+    for a, b in zip(records, ds, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2e-2)
+
+    # The DeepSpeed backend resumes megatron's step-4 checkpoint (weights, master weights,
+    # moments, sampler) and goes on as megatron did.
+    crossed_dir = rewind(tmp / "megatron", tmp / "crossed", 4)
+    crossed_spec = spec_file(tmp, prepared_corpora, hf_dir, "crossed", backend="deepspeed")
+    assert yaml.safe_load(crossed_spec.read_text())["run_dir"] == str(crossed_dir)
+    crossed = run(crossed_spec)
+    for a, b in zip(records[4:], crossed[4:], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
