@@ -6,11 +6,13 @@
 
 * ``plain``: the reference. A plain PyTorch loop over the HF model: fp32 weights, bf16 autocast,
   ``torch.compile``, fused AdamW, grad clipping; midtrain's own loss function.
-* ``deepspeed``: the DeepSpeed engine exactly as ``midtrain.training.engine.build_engine`` builds
-  it from a run spec (bf16, ZeRO-1), stepped as the trainer's loop steps it.
-* ``megatron``: megatron-core's ``GPTModel`` (Transformer Engine spec if installed, otherwise the
-  local spec with SDPA attention), megatron's DDP and distributed optimizer (bf16, fp32 master
-  weights and gradient reduction).
+* ``deepspeed``: the trainer's DeepSpeed backend (``midtrain.training.engine.DeepSpeedBackend``)
+  built from a run spec (bf16, ZeRO-1, fused AdamW, ``torch.compile`` unless ``--no-compile``),
+  stepped through ``train_step`` exactly as the training loop steps it.
+* ``megatron``: the trainer's megatron backend (``midtrain.training.megatron_engine``):
+  megatron-core's ``GPTModel`` (Transformer Engine spec if installed, otherwise the local spec
+  with SDPA attention), megatron's DDP and distributed optimizer (bf16, fp32 master weights and
+  gradient reduction), through the same ``train_step``.
 
 Each backend runs in its own process (one GPU, world size 1), so one's memory and compile caches
 do not touch another's. Batches are random tokens already on the GPU: this measures the model
@@ -71,8 +73,9 @@ NO_GPU = (
 # --- shared ---------------------------------------------------------------------------------------
 
 
-def run_spec(args: argparse.Namespace) -> Any:
-    """A run spec for the benchmark's shape: what the trainer would be given (paths are unused)."""
+def run_spec(args: argparse.Namespace, backend: str = "deepspeed") -> Any:
+    """A run spec for the benchmark's shape: what the trainer would be given (paths are unused).
+    ``plain`` reads only its shape and optimizer settings."""
     from midtrain.config import RunSpec
     from midtrain.config_io import validate
 
@@ -81,7 +84,8 @@ def run_spec(args: argparse.Namespace) -> Any:
         "model": {
             "tokenizer": "unused",
             "config": PRESETS[args.preset],
-            "compile": args.compile,
+            # megatron-core brings its own kernels; compiling applies to the HF model.
+            "compile": args.compile and backend != "megatron",
         },
         "mixture": {
             "seq_length": args.seq_length,
@@ -96,6 +100,7 @@ def run_spec(args: argparse.Namespace) -> Any:
             "precision": "bf16",
             "zero_stage": 1,
             "deterministic": False,
+            "backend": "megatron" if backend == "megatron" else "deepspeed",
         },
         "workers": 1,
     }
@@ -166,92 +171,36 @@ def plain_step(spec: Any) -> Any:
     return step
 
 
-def deepspeed_step(spec: Any) -> Any:
-    from midtrain.training.engine import build_engine
-    from midtrain.training.model import apply_model_options, build_model, sequence_losses
+def trainer_step(spec: Any) -> Any:
+    """midtrain's own step: the trainer's backend (``midtrain.training.backend``), built from the
+    run spec and stepped as the training loop steps it, per-source loss reduction included."""
+    from midtrain.data_mixing.sampler import Batch
+    from midtrain.training.backend import build_backend
+    from midtrain.training.checkpointing import StartPoint
 
     init_single_gpu_process_group()
-    model = apply_model_options(build_model(hf_config(spec), seed=1), False)
-    engine = build_engine(model, spec)
-    if spec.model.compile:
-        engine.compile()  # as the trainer's loop does
+    # A new model of the preset's shape, initialised as a run from model.config is.
+    start = StartPoint("config", "benchmark", hf_config(spec), tokenizer_dir=None, seed=1)
+    backend = build_backend(spec, start, rank=0, world=1)
+    sources = torch.zeros(spec.train.global_batch_size, dtype=torch.long)
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        loss = sequence_losses(engine, tokens).mean()
-        engine.backward(loss)
-        engine.step()
-        return loss.detach()
+        loss_sum, count = backend.train_step(Batch(tokens, sources, 0), 1)
+        return loss_sum.sum() / count.sum()
 
+    if spec.train.backend == "megatron":
+        step.layer_spec = backend.conv.layer_spec  # type: ignore[attr-defined]
     return step
 
 
-def megatron_step(spec: Any) -> Any:
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from midtrain.training.megatron_model import build_gpt_model, have_transformer_engine
-
-    init_single_gpu_process_group()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1)
-    layer_spec = "te" if have_transformer_engine() else "local"
-    gpt = build_gpt_model(
-        hf_config(spec),
-        dtype=torch.bfloat16,
-        spec=layer_spec,
-        max_sequence_length=spec.mixture.seq_length,
-    )
-    model = DistributedDataParallel(
-        config=gpt.config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=True
-        ),
-        module=gpt,
-    )
-    opt = spec.optimizer
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=opt.lr,
-            weight_decay=opt.weight_decay,
-            adam_beta1=opt.betas[0],
-            adam_beta2=opt.betas[1],
-            adam_eps=opt.eps,
-            clip_grad=opt.grad_clip,
-            bf16=True,
-            params_dtype=torch.bfloat16,
-            use_distributed_optimizer=True,
-        ),
-        [model],
-    )
-    seq = spec.mixture.seq_length
-    positions = torch.arange(seq, device="cuda").expand(spec.train.micro_batch_size, seq)
-
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        # GPTModel computes the per-token loss itself when given labels: [b, s].
-        per_token = model(tokens[:, :-1], positions, attention_mask=None, labels=tokens[:, 1:])
-        loss = per_token.float().mean()
-        loss.backward()
-        model.finish_grad_sync()
-        optimizer.step()
-        return loss.detach()
-
-    step.layer_spec = layer_spec  # type: ignore[attr-defined]
-    return step
-
-
-STEPS = {"plain": plain_step, "deepspeed": deepspeed_step, "megatron": megatron_step}
+STEPS = {"plain": plain_step, "deepspeed": trainer_step, "megatron": trainer_step}
 
 
 def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     """One backend, in this process."""
     from midtrain.training.flops import mfu, peak_flops, training_flops_per_token
 
-    spec = run_spec(args)
+    spec = run_spec(args, backend)
     torch.manual_seed(1)
     step = STEPS[backend](spec)
     seq, batch = spec.mixture.seq_length, spec.train.micro_batch_size
