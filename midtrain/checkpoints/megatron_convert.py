@@ -587,10 +587,13 @@ def shard_tensor_parallel(
 
 
 def unshard_tensor_parallel(
-    shards: Sequence[Mapping[str, torch.Tensor]],
+    shards: Sequence[Mapping[str, torch.Tensor]], check_replicas: bool = True
 ) -> dict[str, torch.Tensor]:
     """The full state dict from the tensor-parallel ranks' state dicts (inverse of
-    ``shard_tensor_parallel``). Replicated tensors must agree across ranks."""
+    ``shard_tensor_parallel``). Replicated tensors must agree across ranks, unless
+    ``check_replicas`` is false: then rank 0's copy is taken (during training, replicas of a norm
+    may differ in the last bits where the backward pass reduces with atomics; megatron saves
+    rank 0's copy too)."""
     if not shards:
         raise ValueError("no shards")
     names = [n for n in shards[0] if not n.endswith("._extra_state")]
@@ -605,7 +608,7 @@ def unshard_tensor_parallel(
         pieces = [shard[name] for shard in shards]
         split = tensor_parallel_split(name)
         if split == "replicated":
-            for rank, piece in enumerate(pieces[1:], start=1):
+            for rank, piece in enumerate(pieces[1:] if check_replicas else [], start=1):
                 if not torch.equal(piece, pieces[0]):
                     raise CheckpointError(
                         f"{name}: replicated across tensor-parallel ranks, but rank {rank}'s "

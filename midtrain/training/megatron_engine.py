@@ -9,9 +9,10 @@ one start from and resume each other's checkpoints at any layout:
   (``hf_to_mcore(stage=...)``) and keeps its tensor-parallel shard;
 * saving gathers one parameter at a time: the distributed optimizer's shards are summed over the
   data-parallel group (each rank fills the slice it owns), the tensor-parallel pieces are joined,
-  and ``mcore_tensor_to_hf`` turns the full tensor into HF-named ones. Parameters are dealt
-  round-robin over the ranks of their pipeline stage, which all hold the full tensor by then;
-* the weights go to rank 0 (stage 0 holds them; later stages send theirs over).
+  and ``mcore_tensor_to_hf`` turns the full tensor into HF-named ones. The optimizer state of
+  parameters is dealt round-robin over the ranks of their pipeline stage, which all hold the full
+  tensor by then;
+* the weights are written by rank 0 (a stage-0 rank; later stages send theirs over).
 
 Ranks are laid out by ``parallel_state``: tensor-parallel ranks are adjacent, then data parallel,
 then pipeline stages, so global rank 0 is stage 0's first tensor- and data-parallel rank.
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -138,7 +139,7 @@ class RankConversion:
             return piece
         pieces = [torch.empty_like(piece) for _ in range(self.tp)]
         dist.all_gather(pieces, piece.contiguous(), group=self.tp_group)
-        return unshard_tensor_parallel([{name: p} for p in pieces])[name]
+        return unshard_tensor_parallel([{name: p} for p in pieces], check_replicas=False)[name]
 
     def to_hf(self, name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
         """The HF tensors of a full megatron tensor (none for the last stage's tied copy)."""
@@ -260,6 +261,11 @@ class MegatronBackend:
             spec.train.micro_batch_size, -1
         )
         self._grad_norm: float | None = None
+        conv = self.conv
+        columns = conv.padded_vocab // tp  # this rank's vocabulary columns
+        first = conv.tp_rank * columns
+        padding = torch.arange(first, first + columns, device=self.device) >= conv.shape.vocab_size
+        self._vocab_padding = padding if bool(padding.any()) else None
         # The trained parameters by megatron name (a stage's local layer numbers), in the same
         # order on every rank of a stage; each is saved by one rank of the stage.
         self._params = list(gpt.named_parameters())
@@ -281,7 +287,7 @@ class MegatronBackend:
             hf = build_model(self.hf_config, start.seed).state_dict()
             if self.conv.shape.tie_embeddings:
                 hf.pop("lm_head.weight", None)
-        return {k: v.to(self.dtype) for k, v in self.conv.rank_weights(hf, start.source).items()}
+        return self.conv.rank_weights(hf, start.source)  # cast per parameter as they load
 
     # --- a step -------------------------------------------------------------------------------
 
@@ -296,12 +302,12 @@ class MegatronBackend:
 
         def forward_step(data: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
             chunk = next(data)
-            # GPTModel returns the per-token loss [b, s] (fp32) on the last stage, activations
+            # This tensor-parallel rank's logits [b, s, vocab/tp] on the last stage, activations
             # for the next stage elsewhere.
-            output = model(chunk[:, :-1], self._positions, None, labels=chunk[:, 1:])
+            output = model(chunk[:, :-1], self._positions, None)
 
-            def loss_func(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-                losses = per_token.float().mean(dim=1)
+            def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+                losses = self._token_losses(logits, chunk[:, 1:]).mean(dim=1)
                 per_sequence.append(losses.detach())
                 return losses.mean(), {}  # megatron divides by the number of micro-batches
 
@@ -330,6 +336,16 @@ class MegatronBackend:
         dist.all_reduce(totals)
         totals = totals.cpu()
         return totals[:num_sources], totals[num_sources:]
+
+    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy [b, s] over the real vocabulary: the padding columns (the
+        vocabulary is padded to split evenly over tensor-parallel ranks) are masked out, so the
+        loss is the HF model's and the padded rows get no gradient (they stay zero and are cut
+        off on save, so a resume is exact)."""
+        logits = logits.float()
+        if self._vocab_padding is not None:
+            logits = logits.masked_fill(self._vocab_padding, float("-inf"))
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
     def grad_norm(self) -> float | None:
         return self._grad_norm
@@ -400,25 +416,27 @@ class MegatronBackend:
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
         """Each rank reads, one parameter at a time, the HF tensors its parameters are made of,
         converts them, and takes its tensor-parallel piece and its data-parallel slice."""
+        # Checked on every rank before any collective, so a bad checkpoint fails everywhere.
+        available = set(ckpt.optimizer_keys())
+        needed = [
+            f"{p}/{k}" for n, _ in self._params for p in self.conv.hf_parts(n) for k in STATE_KEYS
+        ]
+        if missing := [k for k in needed if k not in available]:
+            raise CheckpointError(
+                f"{ckpt.path}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
+            )
         for do in self._distributed_optimizers():
             for group in do.optimizer.param_groups:
                 group["lr"] = 0.0  # the dummy step that creates the state must not move weights
             do._init_optimizer_states_with_dummy_values()
         shards = self._owned_shards()
-        available = set(ckpt.optimizer_keys())
         with torch.no_grad():
             for name, param in self._params:
                 if param not in shards:
                     continue
                 owned, shard, state = shards[param]
                 parts = self.conv.hf_parts(name)
-                keys = [f"{p}/{k}" for p in parts for k in STATE_KEYS]
-                if missing := [k for k in keys if k not in available]:
-                    raise CheckpointError(
-                        f"{ckpt.path}: optimizer state lacks {len(missing)} tensors "
-                        f"(first: {missing[0]})"
-                    )
-                tensors = ckpt.optimizer_tensors(keys)
+                tensors = ckpt.optimizer_tensors([f"{p}/{k}" for p in parts for k in STATE_KEYS])
                 targets = (shard, *(state[k] for k in ADAM_STATES))
                 for key, target in zip(STATE_KEYS, targets, strict=True):
                     piece = self.conv.rank_piece(name, {p: tensors[f"{p}/{key}"] for p in parts})
@@ -430,7 +448,7 @@ class MegatronBackend:
                     value = piece.reshape(-1)[owned.start : owned.end]
                     target.copy_(value.to(target.device, target.dtype))
                 if "step" in state:
-                    state["step"] = torch.tensor(float(step))
+                    state["step"] = torch.full_like(state["step"], step)
         for do in self._distributed_optimizers():
             for group in do.optimizer.param_groups:
                 if "step" in group:

@@ -203,7 +203,7 @@ def build_gpt_model(
         on_gpu=torch.cuda.is_available(),
         recompute=recompute,
     )
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(spec, shape.qk_norm, sdpa),
         vocab_size=padded_vocab_size or shape.vocab_size,
@@ -215,6 +215,11 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(rope_theta(hf_config)),
     )
+    if torch.cuda.is_available():
+        # The local spec's torch RMSNorm is created on the CPU in fp32 whatever the config says
+        # (Megatron-LM moves and casts the whole model afterwards, as here).
+        model = model.to(device=torch.cuda.current_device(), dtype=dtype)
+    return model
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
