@@ -269,6 +269,34 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, found)
         results[name] = per_rank
+    # The training loss over vocabulary-parallel logits with a padded vocabulary (400 real of
+    # 512 columns, 256 per rank): equal to plain cross-entropy over the real columns, and no
+    # gradient reaches the padding.
+    from midtrain.training.megatron_engine import token_losses
+
+    conv = RankConversion.from_parallel_state(hf_model("llama-gqa").config, "local")
+    g = torch.Generator().manual_seed(5)
+    full = torch.randn(2, 6, conv.padded_vocab, generator=g)
+    labels = torch.randint(0, conv.shape.vocab_size, (2, 6), generator=g)
+    columns = conv.padded_vocab // 2
+    mine = full[..., conv.tp_rank * columns : (conv.tp_rank + 1) * columns].clone().requires_grad_()
+    losses = token_losses(mine, labels, conv.vocab_padding(torch.device("cpu")))
+    expected = torch.nn.functional.cross_entropy(
+        full[..., : conv.shape.vocab_size].reshape(-1, conv.shape.vocab_size),
+        labels.reshape(-1),
+        reduction="none",
+    ).view(2, 6)
+    losses.sum().backward()
+    assert mine.grad is not None
+    padded = conv.vocab_padding(torch.device("cpu"))
+    loss_found = {
+        "max_abs_diff": (losses - expected).abs().max().item(),
+        "padded_columns": 0 if padded is None else int(padded.sum()),
+        "padding_grad_zero": padded is None or bool((mine.grad[..., padded] == 0).all()),
+        "real_grad_nonzero": bool((mine.grad[..., :16] != 0).any()),
+    }
+    results["loss"] = [None] * world
+    dist.all_gather_object(results["loss"], loss_found)
     parallel_state.destroy_model_parallel()
     if rank == 0:
         Path(out).write_text(json.dumps(results))

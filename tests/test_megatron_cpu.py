@@ -71,3 +71,11 @@ def test_tensor_2_pipeline_2_weights_load_and_gather_back(
     assert all(r["pieces_rebuild"] for r in ranks)
     assert ranks[0]["gathered_keys_equal"] and ranks[0]["gathered_equal"]
     assert all(r["gathered_is_none"] for r in ranks[1:])
+
+
+def test_vocabulary_parallel_loss_masks_the_padding(layout_results: dict[str, Any]) -> None:
+    ranks = layout_results["loss"]
+    # 400 real tokens in 512 columns: tensor-parallel rank 1 (ranks 1 and 3) holds the 112 padded.
+    assert [r["padded_columns"] for r in ranks] == [0, 112, 0, 112]
+    assert all(r["max_abs_diff"] < 1e-5 for r in ranks)
+    assert all(r["padding_grad_zero"] and r["real_grad_nonzero"] for r in ranks)

@@ -141,6 +141,13 @@ class RankConversion:
         dist.all_gather(pieces, piece.contiguous(), group=self.tp_group)
         return unshard_tensor_parallel([{name: p} for p in pieces], check_replicas=False)[name]
 
+    def vocab_padding(self, device: torch.device) -> torch.Tensor | None:
+        """Which of this rank's vocabulary columns are padding (None where none are)."""
+        columns = self.padded_vocab // self.tp
+        first = self.tp_rank * columns
+        padding = torch.arange(first, first + columns, device=device) >= self.shape.vocab_size
+        return padding if bool(padding.any()) else None
+
     def to_hf(self, name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
         """The HF tensors of a full megatron tensor (none for the last stage's tied copy)."""
         return mcore_tensor_to_hf(
@@ -151,6 +158,19 @@ class RankConversion:
             padded_vocab_size=self.padded_vocab,
             stage=self.stage,
         )
+
+
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, padding: torch.Tensor | None
+) -> torch.Tensor:
+    """Next-token cross-entropy [b, s] from this tensor-parallel rank's logits [b, s, vocab/tp]
+    over the real vocabulary: the padding columns (the vocabulary is padded to split evenly over
+    tensor-parallel ranks) are masked out, so the loss is the HF model's, and the padded rows get
+    no gradient (they stay zero and are cut off on save, so a resume is exact)."""
+    logits = logits.float()
+    if padding is not None:
+        logits = logits.masked_fill(padding, float("-inf"))
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
 def gather_model_state(
@@ -261,11 +281,7 @@ class MegatronBackend:
             spec.train.micro_batch_size, -1
         )
         self._grad_norm: float | None = None
-        conv = self.conv
-        columns = conv.padded_vocab // tp  # this rank's vocabulary columns
-        first = conv.tp_rank * columns
-        padding = torch.arange(first, first + columns, device=self.device) >= conv.shape.vocab_size
-        self._vocab_padding = padding if bool(padding.any()) else None
+        self._vocab_padding = self.conv.vocab_padding(self.device)
         # The trained parameters by megatron name (a stage's local layer numbers), in the same
         # order on every rank of a stage; each is saved by one rank of the stage.
         self._params = list(gpt.named_parameters())
@@ -307,7 +323,7 @@ class MegatronBackend:
             output = model(chunk[:, :-1], self._positions, None)
 
             def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-                losses = self._token_losses(logits, chunk[:, 1:]).mean(dim=1)
+                losses = token_losses(logits, chunk[:, 1:], self._vocab_padding).mean(dim=1)
                 per_sequence.append(losses.detach())
                 return losses.mean(), {}  # megatron divides by the number of micro-batches
 
@@ -336,16 +352,6 @@ class MegatronBackend:
         dist.all_reduce(totals)
         totals = totals.cpu()
         return totals[:num_sources], totals[num_sources:]
-
-    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy [b, s] over the real vocabulary: the padding columns (the
-        vocabulary is padded to split evenly over tensor-parallel ranks) are masked out, so the
-        loss is the HF model's and the padded rows get no gradient (they stay zero and are cut
-        off on save, so a resume is exact)."""
-        logits = logits.float()
-        if self._vocab_padding is not None:
-            logits = logits.masked_fill(self._vocab_padding, float("-inf"))
-        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
     def grad_norm(self) -> float | None:
         return self._grad_norm
