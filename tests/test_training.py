@@ -157,6 +157,8 @@ def reference(
     spec = run_spec(tmp, prepared_corpora, "ref")
     out = run_ok(ray_address, "train", str(spec))
     assert "completed" in out
+    # The summary says what share of the time data loading and checkpoint saves took.
+    assert "% of step time" in out and "% of the run" in out
     return tmp / "ref"
 
 
@@ -168,7 +170,14 @@ def test_reference_run_logs_every_step_and_checkpoints(reference: Path) -> None:
         assert r["tokens"] == r["step"] * 8 * 32
         assert sum(r["tokens_by_source"].values()) == r["tokens"]
         assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0
+        assert 0 <= r["data_time_s"] <= r["step_time_s"]  # drawing the batch is part of a step
     assert records[-1]["loss"] < records[0]["loss"] - 0.5  # it learns
+    timing = json.loads((reference / "control" / "status.json").read_text())["timing"]
+    # Parts of a whole: checkpoints and steps inside the loop's time, batches inside the steps.
+    assert 0 < timing["data_s"] <= timing["steps_s"]
+    assert (
+        timing["checkpoint_s"] > 0 and timing["steps_s"] + timing["checkpoint_s"] <= timing["run_s"]
+    )
     infos = list_checkpoints(reference)
     assert [i.step for i in infos] == list(range(INTERVAL, STEPS + 1, INTERVAL))
     assert all(i.complete for i in infos)

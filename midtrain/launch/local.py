@@ -188,6 +188,17 @@ def progress_line(record: dict) -> str:
     return "  ".join(parts)
 
 
+def _time_shares(timing: dict | None) -> list[tuple[str, str]]:
+    """Data loading as a share of step time, checkpoint blocking as a share of the training loop
+    (rank 0, this session of the run)."""
+    if not timing or not timing.get("steps_s") or not timing.get("run_s"):
+        return []
+    return [
+        ("data loading", f"{100 * timing['data_s'] / timing['steps_s']:.2f}% of step time"),
+        ("checkpoint saves", f"{100 * timing['checkpoint_s'] / timing['run_s']:.2f}% of the run"),
+    ]
+
+
 def _summary(prepared: PreparedRun, status: dict, seconds: float) -> None:
     records = read_metrics(prepared.spec.run_dir)
     if not records:
@@ -201,6 +212,7 @@ def _summary(prepared: PreparedRun, status: dict, seconds: float) -> None:
         *((f"loss · {k}", v) for k, v in last["loss_by_source"].items()),
         *((f"tokens · {k}", v) for k, v in last["tokens_by_source"].items()),
         ("wall time (s)", round(seconds, 1)),
+        *_time_shares(status.get("timing")),
         ("run dir", prepared.spec.run_dir),
     ]
     print_table(table("run summary", ["", "value"], rows))

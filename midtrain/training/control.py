@@ -69,8 +69,10 @@ class StopFlag:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{os.getpid()}\n")
 
-    def write_status(self, status: str, step: int, loss: float | None) -> None:
+    def write_status(
+        self, status: str, step: int, loss: float | None, timing: dict[str, float] | None = None
+    ) -> None:
         atomic_write_json(
             control_dir(self.run_dir) / "status.json",
-            {"status": status, "step": step, "loss": loss},
+            {"status": status, "step": step, "loss": loss, "timing": timing},
         )

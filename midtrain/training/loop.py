@@ -11,6 +11,7 @@ training backend beyond ``backend.Backend``. One optimizer step:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -52,6 +53,21 @@ class Progress:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens, "tokens_by_source": self.tokens_by_source}
+
+
+@dataclass
+class RunTiming:
+    """Where rank 0's time went in this session of the run, for the run summary (the budgets a
+    run is held to: data loading well under 1% of step time, checkpoint saves under 2% of the
+    run)."""
+
+    run_s: float = 0.0  # the training loop, first step to the last save
+    steps_s: float = 0.0  # inside steps: drawing the batch, forward/backward, optimizer
+    data_s: float = 0.0  # drawing batches from the mixture
+    checkpoint_s: float = 0.0  # training blocked by saves: gathering state, copying it out
+
+    def state_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass
@@ -98,6 +114,7 @@ def train(spec: RunSpec) -> Outcome:
     stop = StopFlag(spec.run_dir, backend.device)
     metrics = StepMetrics(spec, backend, sampler.source_names, progress.step) if rank == 0 else None
     loss, status = None, "completed"
+    timing, started = RunTiming(), time.perf_counter()
 
     while progress.step < spec.train.max_steps:
         t0 = time.perf_counter()
@@ -106,12 +123,14 @@ def train(spec: RunSpec) -> Outcome:
         batch = sampler.next_batch_for_rank(
             spec.train.global_batch_size, backend.data_rank, backend.data_world
         )
+        data_s = time.perf_counter() - t0
         loss_sum, count = backend.train_step(batch, len(sampler.source_names))
         loss = progress.advance(loss_sum, count, sampler.source_names, spec.mixture.seq_length)
+        step_s = time.perf_counter() - t0
+        timing.steps_s += step_s
+        timing.data_s += data_s
         if metrics is not None:
-            metrics.log(
-                progress, loss_sum, count, lr, schedule.phase(step), time.perf_counter() - t0
-            )
+            metrics.log(progress, loss_sum, count, lr, schedule.phase(step), step_s, data_s)
 
         stopping = stop.requested()  # a collective: every rank stops at the same step
         last = progress.step == spec.train.max_steps
@@ -120,6 +139,7 @@ def train(spec: RunSpec) -> Outcome:
             or last
             or progress.step % (spec.checkpoint.interval or spec.train.max_steps) == 0
         ):
+            t_save = time.perf_counter()
             checkpointer.save(
                 step=progress.step,
                 hf_config=backend.hf_config,
@@ -139,15 +159,17 @@ def train(spec: RunSpec) -> Outcome:
                 loss=loss,
                 blocking=last or stopping or not spec.checkpoint.async_save,
             )
+            timing.checkpoint_s += time.perf_counter() - t_save
         if stopping and not last:
             status = "preempted"
             break
 
     checkpointer.close()
+    timing.run_s = time.perf_counter() - started
     if metrics is not None:
         metrics.close()
     if rank == 0:
-        stop.write_status(status, progress.step, loss)
+        stop.write_status(status, progress.step, loss, timing.state_dict())
     return Outcome(status, progress.step, loss)
 
 
@@ -172,6 +194,7 @@ class StepMetrics:
         lr: float,
         phase: str,
         seconds: float,
+        data_seconds: float,
     ) -> None:
         tokens_per_s = self.tokens_per_step / seconds
         grad_norm = self.backend.grad_norm()
@@ -192,6 +215,7 @@ class StepMetrics:
                 "tokens_per_s": tokens_per_s,
                 "mfu": mfu(tokens_per_s / self.world, self.flops_per_token, self.peak),
                 "step_time_s": seconds,
+                "data_time_s": data_seconds,
                 "time": time.time(),
             }
         )
