@@ -175,6 +175,21 @@ def test_sharded_weights_use_hf_index(tmp_path: Path) -> None:
     assert torch.equal(logits(load_model(path)), logits(model))
 
 
+def test_saving_a_step_again_replaces_it_whole(tmp_path: Path) -> None:
+    # A resumed run that saves a step it saved before (e.g. after a crash before ``latest``
+    # moved on): the new checkpoint takes the old one's place in one atomic exchange.
+    first, second = tiny_llama(seed=0), tiny_llama(seed=1)
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        save(saver, first, 2)
+        save(saver, second, 2)
+    ckpts = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
+    state = load_checkpoint(tmp_path / "run", verify=True).model_state_dict()
+    assert all(torch.equal(state[k], v) for k, v in second.state_dict().items() if k in state)
+    embed = "model.embed_tokens.weight"
+    assert not torch.equal(state[embed], first.state_dict()[embed])  # the first save is gone
+
+
 def test_rng_and_trainer_state_are_json(tmp_path: Path) -> None:
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     rng = capture_rng_state()

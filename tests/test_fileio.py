@@ -1,11 +1,15 @@
-"""FollowedFile: how the driver follows a run's metrics and events files while workers append."""
+"""FollowedFile (how the driver follows a run's metrics and events files while workers append) and
+the atomic directory exchange that re-saving a checkpoint uses."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from midtrain.fileio import FollowedFile, atomic_write_text
+import pytest
+
+from midtrain.fileio import FollowedFile, atomic_write_text, exchange_paths
 
 
 def test_followed_file_reads_only_new_complete_lines(tmp_path: Path) -> None:
@@ -31,3 +35,19 @@ def test_followed_file_starts_over_when_replaced_or_truncated(tmp_path: Path) ->
     assert followed.new_lines() == []
     path.write_text("c\n")
     assert followed.new_lines() == ["c"]
+
+
+def test_exchange_paths_swaps_two_directories_in_one_step(tmp_path: Path) -> None:
+    old, new = tmp_path / "step_00000002", tmp_path / ".staging-step_00000002"
+    old.mkdir(), new.mkdir()
+    (old / "from").write_text("old")
+    (new / "from").write_text("new")
+    swapped = exchange_paths(new, old)
+    if sys.platform == "linux":
+        assert swapped  # renameat2 on the test machine's file system
+    if swapped:
+        assert (old / "from").read_text() == "new" and (new / "from").read_text() == "old"
+    else:  # nothing changed where the platform cannot exchange
+        assert (old / "from").read_text() == "old"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        exchange_paths(tmp_path / "missing", old)

@@ -17,7 +17,7 @@ from midtrain.checkpoints.layout import TRASH_PREFIX
 from midtrain.checkpoints.manifest import FileEntry, Manifest, write_manifest
 from midtrain.checkpoints.tensorfile import ProgressFn
 from midtrain.errors import CheckpointError
-from midtrain.fileio import fsync_dir
+from midtrain.fileio import exchange_paths, fsync_dir
 
 
 class StagingDir:
@@ -79,7 +79,13 @@ def commit(staging: Path, final: Path, manifest: Manifest | None, *, replace: bo
     if final.exists():
         if not replace:
             raise CheckpointError(f"{final}: already exists; remove it or choose another name")
-        # Move the old one aside first: rename cannot replace a non-empty directory.
+        if exchange_paths(staging, final):
+            # One atomic swap: ``final`` is the old checkpoint or the new one, never missing.
+            fsync_dir(final.parent)
+            remove_tree(staging)  # now the old checkpoint
+            return
+        # No atomic exchange here: move the old one aside first (rename cannot replace a
+        # non-empty directory). A crash between the two renames leaves ``final`` missing.
         trash = trash_name(final)
         os.rename(final, trash)
     os.rename(staging, final)
