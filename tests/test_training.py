@@ -7,6 +7,7 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -198,7 +199,14 @@ def test_sigkill_then_resume_is_bit_exact(
     run_dir = tmp_path / "killed"
     proc = midtrain(ray_address, "train", str(spec))
     wait_for_step(run_dir, INTERVAL * 2 + 1, proc)
+    # The whole machine goes down at once: the driver and the training workers (Ray actors,
+    # outside the driver's process group) are killed together, nothing gets to clean up.
+    workers = [int(p.read_text()) for p in (run_dir / "control").glob("worker-*.pid")]
+    assert len(workers) == 2
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     killed_at = read_metrics(run_dir)[-1]["step"]
     assert killed_at < STEPS
