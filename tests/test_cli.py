@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from midtrain.checkpoints import CheckpointMeta, CheckpointSaver
 from midtrain.cli import cli
+from midtrain.errors import ConfigError
 
 SUBCOMMANDS = {
     "tokenizer": ["train"],
@@ -209,3 +210,16 @@ def test_training_progress_line_shows_loss_per_source_grad_norm_and_mfu() -> Non
     )
     assert "legal" not in bare and "gnorm" not in bare and "MFU" not in bare
     assert "1.6M tok" in bare
+
+
+def test_schedule_plot_draws_the_run_specs_schedule(tmp_path: Path) -> None:
+    spec = Path(__file__).resolve().parents[1] / "examples" / "pretrain.yaml"
+    out = tmp_path / "plots" / "lr.png"
+    code, text = invoke("schedule", "plot", str(spec), "schedule.kind=cosine", "--out", str(out))
+    assert code == 0 and f"wrote {out}" in text
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A bad override is named, and no picture is written.
+    bad = tmp_path / "bad.png"
+    with pytest.raises(ConfigError, match=r"pretrain\.yaml: schedule\.kind: Input should be"):
+        invoke("schedule", "plot", str(spec), "schedule.kind=bogus", "--out", str(bad))
+    assert not bad.exists()

@@ -128,3 +128,26 @@ def test_resume_is_exact_for_each_stage(
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b, strict=True):
         assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"])
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(
+    tmp_path: Path, prepared_corpora: dict[str, Path], one_rank_group: None
+) -> None:
+    """model.compile: true (torch.compile through DeepSpeed's engine.compile, inductor on CPU)
+    gives the eager run's losses to float tolerance."""
+    from midtrain.training.loop import train
+
+    eager = load_run_spec(_spec(tmp_path, prepared_corpora, "eager", 1, "fp32"))
+    eager = eager.model_copy(update={"train": eager.train.model_copy(update={"max_steps": 3})})
+    compiled = eager.model_copy(
+        update={
+            "run_dir": str(tmp_path / "compiled"),
+            "model": eager.model.model_copy(update={"compile": True}),
+        }
+    )
+    assert train(eager).status == "completed" and train(compiled).status == "completed"
+    a, b = read_metrics(eager.run_dir), read_metrics(compiled.run_dir)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
