@@ -281,6 +281,9 @@ class MegatronBackend:
             spec.train.micro_batch_size, -1
         )
         self._grad_norm: float | None = None
+        # Optimizer steps taken, counted here rather than read from the optimizer's state: a
+        # data-parallel rank may own no shard of any parameter, and every rank must agree.
+        self._steps = 0
         self._vocab_padding = self.conv.vocab_padding(self.device)
         # The trained parameters by megatron name (a stage's local layer numbers), in the same
         # order on every rank of a stage; each is saved by one rank of the stage.
@@ -340,7 +343,8 @@ class MegatronBackend:
             micro_batch_size=micro,
             forward_only=False,
         )
-        _, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm, _ = self.optimizer.step()
+        self._steps += int(updated)
         self._grad_norm = None if grad_norm is None else float(grad_norm)
 
         totals = torch.zeros(2 * num_sources, dtype=torch.float64, device=self.device)
@@ -385,14 +389,7 @@ class MegatronBackend:
         return out
 
     def optimizer_step_count(self) -> int:
-        for do in self._distributed_optimizers():
-            for state in do.optimizer.state.values():
-                if "step" in state:
-                    return int(state["step"])
-            for group in do.optimizer.param_groups:  # TE's FusedAdam keeps it per group
-                if "step" in group:
-                    return int(group["step"])
-        return 0
+        return self._steps
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """Per parameter: every data-parallel rank writes its shard of master weights and moments
@@ -459,3 +456,4 @@ class MegatronBackend:
             for group in do.optimizer.param_groups:
                 if "step" in group:
                     group["step"] = step
+        self._steps = step
