@@ -1,6 +1,9 @@
-"""The megatron backend inside midtrain's trainer, on a GPU (one rank, NCCL): continued
+"""The trainer on a GPU (one rank, NCCL). The megatron backend: continued
 pretraining from a Hugging Face directory, exact resume, agreement with the DeepSpeed backend on
-the same weights and batches, and a megatron checkpoint resumed by the DeepSpeed backend.
+the same weights and batches, and a megatron checkpoint resumed by the DeepSpeed backend. The
+DeepSpeed backend's CUDA path (bf16, fused AdamW): exact resume. Two workers on one GPU are not
+possible under NCCL (one rank per device): the 2-worker runs (data, tensor and pipeline parallel)
+run where there are 2 GPUs.
 
 Each run is a fresh process (``torch.multiprocessing.spawn``): megatron-core keeps its parallel
 groups in module globals. Tensor and pipeline sizes above 1 need several GPUs; their weight paths
@@ -53,7 +56,15 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict[str,
     return path
 
 
-def spec_file(tmp: Path, corpora: dict[str, Path], hf: Path, run: str, **train: Any) -> Path:
+def spec_file(
+    tmp: Path,
+    corpora: dict[str, Path],
+    hf: Path,
+    run: str,
+    workers: int = 1,
+    parallel: dict[str, int] | None = None,
+    **train: Any,
+) -> Path:
     spec = {
         "run_dir": str(tmp / run),
         "model": {"from_checkpoint": str(hf), "tokenizer": str(corpora["tokenizer"])},
@@ -87,7 +98,8 @@ def spec_file(tmp: Path, corpora: dict[str, Path], hf: Path, run: str, **train: 
             **train,
         },
         "checkpoint": {"interval": 4, "keep_last": 5, "async_save": True},
-        "workers": 1,
+        "workers": workers,
+        "parallel": parallel or {},
     }
     path = tmp / f"{run}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -95,7 +107,8 @@ def spec_file(tmp: Path, corpora: dict[str, Path], hf: Path, run: str, **train: 
 
 
 def run(spec: Path) -> list[dict[str, Any]]:
-    mp.spawn(train_worker, args=(1, free_port(), str(spec)), nprocs=1, join=True)
+    world = yaml.safe_load(spec.read_text())["workers"]
+    mp.spawn(train_worker, args=(world, free_port(), str(spec)), nprocs=world, join=True)
     return read_metrics(yaml.safe_load(spec.read_text())["run_dir"])
 
 
@@ -166,3 +179,56 @@ def test_deepspeed_agrees_and_resumes_a_megatron_checkpoint(
     crossed = run(crossed_spec)
     for a, b in zip(records[4:], crossed[4:], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
+
+
+def test_deepspeed_bf16_resume_is_exact_on_gpu(
+    tmp_path: Path, prepared_corpora: dict[str, Path], hf_dir: Path
+) -> None:
+    # The DeepSpeed backend's CUDA path (bf16, ZeRO-1, fused AdamW, SDPA, NCCL) with deterministic
+    # kernels: stopping at step 4 and resuming repeats the uninterrupted run's steps exactly.
+    spec = spec_file(
+        tmp_path, prepared_corpora, hf_dir, "ds_bf16", backend="deepspeed", precision="bf16"
+    )
+    records = run(spec)
+    assert records[-1]["loss"] < records[0]["loss"]
+    resumed_dir = rewind(tmp_path / "ds_bf16", tmp_path / "ds_bf16_resumed", 4)
+    data = yaml.safe_load(spec.read_text())
+    resumed_spec = tmp_path / "ds_bf16_resumed.yaml"
+    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed_dir)}))
+    again = run(resumed_spec)
+    for a, b in zip(records, again, strict=True):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize(
+    ("backend", "parallel"),
+    [
+        ("deepspeed", {}),
+        ("megatron", {}),  # data parallel 2: the distributed optimizer shards over 2 ranks
+        ("megatron", {"tensor": 2}),
+        ("megatron", {"pipeline": 2}),
+    ],
+)
+def test_two_workers_learn_and_resume_exactly(
+    tmp_path: Path,
+    prepared_corpora: dict[str, Path],
+    hf_dir: Path,
+    backend: str,
+    parallel: dict[str, int],
+) -> None:
+    spec = spec_file(
+        tmp_path, prepared_corpora, hf_dir, "two", workers=2, parallel=parallel, backend=backend
+    )
+    records = run(spec)
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    ckpt = load_checkpoint(tmp_path / "two")
+    model = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(ckpt.path))
+    model.load_state_dict(ckpt.model_state_dict(), strict=True)  # every stage's weights arrived
+    resumed_dir = rewind(tmp_path / "two", tmp_path / "two_resumed", 4)
+    data = yaml.safe_load(spec.read_text())
+    resumed_spec = tmp_path / "two_resumed.yaml"
+    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed_dir)}))
+    again = run(resumed_spec)
+    for a, b in zip(records, again, strict=True):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
