@@ -131,7 +131,9 @@ def timed(step: Any, batches: list[torch.Tensor], warmup: int) -> tuple[float, l
         losses.append(step(tokens))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return seconds, [float(x) for x in losses]  # .item() only now: no host sync inside the loop
+    # .item() only now. The trainer backends' steps do sync once each (their per-source loss
+    # totals come back to the host, as in training); the plain loop's never does.
+    return seconds, [float(x) for x in losses]
 
 
 def init_single_gpu_process_group() -> None:

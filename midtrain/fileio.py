@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -36,14 +37,31 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2(int, const char *, int, const char *, unsigned)``, or None (not Linux,
+    or a C library older than glibc 2.28)."""
+    if sys.platform != "linux":
+        return None
+    func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if func is not None:
+        func.argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint,
+        ]
+        func.restype = ctypes.c_int
+    return func
+
+
 def exchange_paths(a: str | Path, b: str | Path) -> bool:
     """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so
     that neither name is ever missing. Returns False, changing nothing, where the platform or
     file system cannot do it."""
-    if sys.platform != "linux":
-        return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:  # a C library older than glibc 2.28
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if rc == 0:

@@ -234,8 +234,8 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
     _start(rank, world, port, "gloo")
     from megatron.core import parallel_state
 
-    from midtrain.training.megatron_engine import RankConversion, gather_model_state
     from midtrain.training.megatron_model import build_gpt_model, load_mcore_weights
+    from midtrain.training.megatron_shard import RankConversion, gather_model_state
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=2, pipeline_model_parallel_size=2
@@ -253,7 +253,7 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
         load_mcore_weights(model, conv.rank_weights(weights, name), name)
         params = list(model.named_parameters())
         rebuilt = all(
-            torch.equal(conv.rank_piece(n, {p: weights[p] for p in conv.hf_parts(n)}), param)
+            torch.equal(conv.rank_piece(n, {p: weights[p] for p in conv.hf_sources(n)}), param)
             for n, param in params
         )
         gathered = gather_model_state(conv, params, data_rank=0, device=torch.device("cpu"))
@@ -272,7 +272,7 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
     # The training loss over vocabulary-parallel logits with a padded vocabulary (400 real of
     # 512 columns, 256 per rank): equal to plain cross-entropy over the real columns, and no
     # gradient reaches the padding.
-    from midtrain.training.megatron_engine import token_losses
+    from midtrain.training.megatron_shard import token_losses
 
     conv = RankConversion.from_parallel_state(hf_model("llama-gqa").config, "local")
     g = torch.Generator().manual_seed(5)

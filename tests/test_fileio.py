@@ -49,5 +49,6 @@ def test_exchange_paths_swaps_two_directories_in_one_step(tmp_path: Path) -> Non
         assert (old / "from").read_text() == "new" and (new / "from").read_text() == "old"
     else:  # nothing changed where the platform cannot exchange
         assert (old / "from").read_text() == "old"
-    with pytest.raises(FileNotFoundError, match="missing"):
-        exchange_paths(tmp_path / "missing", old)
+    if swapped:  # an error from the system call names the path
+        with pytest.raises(FileNotFoundError, match="missing"):
+            exchange_paths(tmp_path / "missing", old)

@@ -339,7 +339,7 @@ def hf_to_mcore(
     if stage.layers.stop > shape.num_layers:
         raise ValueError(f"stage layers {stage.layers} exceed num_layers {shape.num_layers}")
     needed = set(hf_names(shape, stage))
-    if len(needed) < len(hf):  # a stage's subset: the rest must still be the model's tensors
+    if stage != whole_model(shape):  # this stage's part; the rest must still be the model's
         unknown = set(hf) - set(hf_names(shape)) - {HF_LM_HEAD}
         _Tensors({k: hf[k] for k in unknown}, where, _IGNORED_HF_SUFFIXES).finish()
         # A tied lm_head is checked against the embedding where the stage holds one.
@@ -496,6 +496,14 @@ def hf_parts(
     raise CheckpointError(f"{name}: not a tensor of a Llama-shaped megatron-core GPTModel")
 
 
+def hf_sources(
+    name: str, shape: GPTShape, spec: LayerSpec = "local", *, stage: PipelineStage | None = None
+) -> list[str]:
+    """The HF tensors the megatron-core tensor ``name`` is built from when loading: its
+    ``hf_parts``, or for the last stage's copy of a tied embedding, the embedding."""
+    return hf_parts(name, shape, spec, stage=stage) or [HF_EMBED]
+
+
 def mcore_tensor_to_hf(
     name: str,
     tensor: torch.Tensor,
@@ -510,6 +518,11 @@ def mcore_tensor_to_hf(
     one parameter at a time."""
     names = hf_parts(name, shape, spec, stage=stage)
     if name in (MC_EMBED, MC_OUTPUT):
+        rows = _check_padding(shape, padded_vocab_size)
+        if tensor.shape[0] != rows:
+            raise CheckpointError(
+                f"{name}: {tensor.shape[0]} rows, the padded vocabulary is {rows}"
+            )
         pieces = [tensor[: shape.vocab_size]] if names else []
     elif len(names) == 3:
         pieces = list(split_qkv(tensor, shape))
@@ -529,9 +542,9 @@ def hf_to_mcore_tensor(
     padded_vocab_size: int | None = None,
     stage: PipelineStage | None = None,
 ) -> torch.Tensor:
-    """The full megatron-core tensor ``name`` from the HF tensors ``hf_parts`` names (the inverse
-    of ``mcore_tensor_to_hf``; the last stage's tied output layer is built from the embedding)."""
-    names = hf_parts(name, shape, spec, stage=stage) or [HF_EMBED]
+    """The full megatron-core tensor ``name`` from the HF tensors ``hf_sources`` names (the
+    inverse of ``mcore_tensor_to_hf``)."""
+    names = hf_sources(name, shape, spec, stage=stage)
     missing = [n for n in names if n not in hf]
     if missing:
         raise CheckpointError(f"{name}: missing HF tensor {missing[0]}")

@@ -1,4 +1,4 @@
-"""Saving a run's checkpoints: every data-parallel rank writes its part into one staging directory,
+"""Saving a run's checkpoints: every rank writes its part into one staging directory,
 the committer (rank 0) waits for all ranks, writes the manifest, renames the directory into place,
 moves ``latest`` and applies retention. Saves can run in the background, one at a time.
 

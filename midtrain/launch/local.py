@@ -188,7 +188,7 @@ def progress_line(record: dict) -> str:
     return "  ".join(parts)
 
 
-def _time_shares(timing: dict | None) -> list[tuple[str, str]]:
+def _time_shares(timing: dict[str, float] | None) -> list[tuple[str, str]]:
     """Data loading as a share of step time, checkpoint blocking as a share of the training loop
     (rank 0, this session of the run)."""
     if not timing or not timing.get("steps_s") or not timing.get("run_s"):

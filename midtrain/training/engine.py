@@ -29,8 +29,7 @@ from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError
 from midtrain.training.checkpointing import StartPoint
 from midtrain.training.model import apply_model_options, parameter_groups, sequence_losses
-
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
+from midtrain.training.state_tensors import ADAM_STATES, STATE_KEYS, host_copy
 
 
 def deepspeed_config(spec: RunSpec, num_params: int) -> dict[str, Any]:
@@ -108,11 +107,6 @@ def _link_fragments(engine: deepspeed.DeepSpeedEngine) -> None:
         link()
 
 
-def host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy nobody else holds: one copy whether the tensor is on a GPU or already on CPU."""
-    return tensor.detach().to("cpu", copy=True)
-
-
 def gather_optimizer_state(
     engine: deepspeed.DeepSpeedEngine, keep: Callable[[str], bool] = lambda name: True
 ) -> dict[str, torch.Tensor]:
@@ -145,9 +139,11 @@ def _materialise_adam_state(engine: deepspeed.DeepSpeedEngine, step: int) -> Non
     # ZeRO-3 swaps its flat fp32 partitions into the inner optimizer only during a step.
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     tensors = flat if flat is not None else [p for g in inner.param_groups for p in g["params"]]
+    # Fused and capturable AdamW keep the step count on the parameter's device, others on CPU.
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
     for p in tensors:
         state = inner.state[p]
-        state["step"] = torch.tensor(float(step))
+        state["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
         for key in ADAM_STATES:
             state.setdefault(key, torch.zeros_like(p, memory_format=torch.preserve_format))
     _link_fragments(engine)
@@ -160,9 +156,7 @@ def load_optimizer_state(engine: deepspeed.DeepSpeedEngine, ckpt: Checkpoint, st
     the model's (12 bytes per parameter, on every rank of a node at once)."""
     names = [name for name, _ in engine.module.named_parameters()]
     available = set(ckpt.optimizer_keys())
-    missing = [
-        f"{n}/{k}" for n in names for k in ("master", *ADAM_STATES) if f"{n}/{k}" not in available
-    ]
+    missing = [f"{n}/{k}" for n in names for k in STATE_KEYS if f"{n}/{k}" not in available]
     if missing:
         raise CheckpointError(
             f"{ckpt.path}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
@@ -172,7 +166,7 @@ def load_optimizer_state(engine: deepspeed.DeepSpeedEngine, ckpt: Checkpoint, st
     inner = _inner_optimizer(engine)
     with torch.no_grad():
         for name, param in engine.module.named_parameters():
-            tensors = ckpt.optimizer_tensors([f"{name}/{k}" for k in ("master", *ADAM_STATES)])
+            tensors = ckpt.optimizer_tensors([f"{name}/{k}" for k in STATE_KEYS])
             master = tensors[f"{name}/master"]
             shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 params are partitioned
             if tuple(master.shape) != shape:

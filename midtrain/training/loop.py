@@ -63,7 +63,7 @@ class RunTiming:
 
     run_s: float = 0.0  # the training loop, first step to the last save
     steps_s: float = 0.0  # inside steps: drawing the batch, forward/backward, optimizer
-    data_s: float = 0.0  # drawing batches from the mixture
+    data_s: float = 0.0  # drawing batches from the mixture (and setting the step's LR)
     checkpoint_s: float = 0.0  # training blocked by saves: gathering state, copying it out
 
     def state_dict(self) -> dict[str, float]:

@@ -21,13 +21,11 @@ then pipeline stages, so global rank 0 is stage 0's first tensor- and data-paral
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -43,171 +41,20 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from midtrain.checkpoints import Checkpoint
-from midtrain.checkpoints.megatron_convert import (
-    HF_EMBED,
-    GPTShape,
-    LayerSpec,
-    PipelineStage,
-    hf_parts,
-    hf_to_mcore,
-    hf_to_mcore_tensor,
-    mcore_tensor_to_hf,
-    padded_vocab_size,
-    pipeline_stage,
-    shard_tensor_parallel,
-    unshard_tensor_parallel,
-)
+from midtrain.checkpoints.megatron_convert import LayerSpec
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError, ConfigError
 from midtrain.training.checkpointing import StartPoint
-from midtrain.training.engine import ADAM_STATES, host_copy
 from midtrain.training.megatron_model import (
     build_gpt_model,
     have_transformer_engine,
     load_mcore_weights,
 )
+from midtrain.training.megatron_shard import RankConversion, gather_model_state, token_losses
 from midtrain.training.model import build_model
 from midtrain.training.parallel import check_model_fits
-
-STATE_KEYS = ("master", *ADAM_STATES)
-
-
-@dataclass
-class RankConversion:
-    """HF <-> megatron-core for the part of the model one rank holds: its pipeline stage's
-    tensors (local layer numbers), and of those its tensor-parallel piece."""
-
-    shape: GPTShape
-    layer_spec: LayerSpec
-    padded_vocab: int
-    stage: PipelineStage
-    tp: int
-    tp_rank: int
-    tp_group: Any = None  # the tensor-parallel process group (None: the default group)
-
-    @classmethod
-    def from_parallel_state(cls, hf_config: Any, layer_spec: LayerSpec) -> RankConversion:
-        """This rank's part, from megatron's ``parallel_state`` (initialised by the caller)."""
-        shape = GPTShape.from_hf_config(hf_config)
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        return cls(
-            shape=shape,
-            layer_spec=layer_spec,
-            padded_vocab=padded_vocab_size(shape.vocab_size, tp),
-            stage=pipeline_stage(
-                shape.num_layers,
-                parallel_state.get_pipeline_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_rank(),
-            ),
-            tp=tp,
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-        )
-
-    def rank_weights(self, hf: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-        """This rank's tensors from a whole model's HF state dict."""
-        mc = hf_to_mcore(
-            hf,
-            self.shape,
-            self.layer_spec,
-            padded_vocab_size=self.padded_vocab,
-            where=where,
-            stage=self.stage,
-        )
-        return shard_tensor_parallel(mc, self.shape, self.tp)[self.tp_rank]
-
-    def rank_piece(self, name: str, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """This rank's piece of the megatron tensor ``name``, from the HF tensors it is made of
-        (``hf_parts``; the embedding for the last stage's tied copy)."""
-        full = hf_to_mcore_tensor(
-            name,
-            hf,
-            self.shape,
-            self.layer_spec,
-            padded_vocab_size=self.padded_vocab,
-            stage=self.stage,
-        )
-        return shard_tensor_parallel({name: full}, self.shape, self.tp)[self.tp_rank][name]
-
-    def hf_parts(self, name: str) -> list[str]:
-        return hf_parts(name, self.shape, self.layer_spec, stage=self.stage) or [HF_EMBED]
-
-    def join(self, name: str, piece: torch.Tensor) -> torch.Tensor:
-        """A collective over the tensor-parallel group: the full tensor from every rank's piece."""
-        if self.tp == 1:
-            return piece
-        pieces = [torch.empty_like(piece) for _ in range(self.tp)]
-        dist.all_gather(pieces, piece.contiguous(), group=self.tp_group)
-        return unshard_tensor_parallel([{name: p} for p in pieces], check_replicas=False)[name]
-
-    def vocab_padding(self, device: torch.device) -> torch.Tensor | None:
-        """Which of this rank's vocabulary columns are padding (None where none are)."""
-        columns = self.padded_vocab // self.tp
-        first = self.tp_rank * columns
-        padding = torch.arange(first, first + columns, device=device) >= self.shape.vocab_size
-        return padding if bool(padding.any()) else None
-
-    def to_hf(self, name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The HF tensors of a full megatron tensor (none for the last stage's tied copy)."""
-        return mcore_tensor_to_hf(
-            name,
-            full,
-            self.shape,
-            self.layer_spec,
-            padded_vocab_size=self.padded_vocab,
-            stage=self.stage,
-        )
-
-
-def token_losses(
-    logits: torch.Tensor, labels: torch.Tensor, padding: torch.Tensor | None
-) -> torch.Tensor:
-    """Next-token cross-entropy [b, s] from this tensor-parallel rank's logits [b, s, vocab/tp]
-    over the real vocabulary: the padding columns (the vocabulary is padded to split evenly over
-    tensor-parallel ranks) are masked out, so the loss is the HF model's, and the padded rows get
-    no gradient (they stay zero and are cut off on save, so a resume is exact)."""
-    logits = logits.float()
-    if padding is not None:
-        logits = logits.masked_fill(padding, float("-inf"))
-    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
-
-
-def gather_model_state(
-    conv: RankConversion,
-    params: list[tuple[str, torch.Tensor]],
-    data_rank: int,
-    device: torch.device,
-) -> dict[str, torch.Tensor] | None:
-    """A collective: the whole model's HF-named weights as CPU copies on global rank 0, None
-    elsewhere. Each stage's first data-parallel replica joins its tensor-parallel pieces; the
-    first rank of each later stage sends its HF tensors to rank 0 (a list of names, shapes and
-    dtypes, then the tensors in that order)."""
-    state: dict[str, torch.Tensor] = {}
-    if data_rank == 0:  # weights are the same on every data-parallel replica
-        for name, param in params:
-            full = conv.join(name, param.detach())
-            if conv.tp_rank == 0:
-                state.update({k: host_copy(v) for k, v in conv.to_hf(name, full).items()})
-    rank = dist.get_rank()
-    if conv.stage.first and conv.stage.last:
-        return state if rank == 0 else None
-    stage_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-    if rank == 0:
-        for src in stage_ranks[1:]:
-            header: list[Any] = [None]
-            dist.recv_object_list(header, src=src, device=device)
-            for name, shape, dtype in header[0]:
-                buffer = torch.empty(shape, dtype=dtype, device=device)
-                dist.recv(buffer, src=src)
-                state[name] = host_copy(buffer)
-        return state
-    if data_rank == 0 and conv.tp_rank == 0:
-        header = [[(k, tuple(v.shape), v.dtype) for k, v in state.items()]]
-        dist.send_object_list(header, dst=0, device=device)
-        for tensor in state.values():
-            dist.send(tensor.to(device), dst=0)
-    return None
+from midtrain.training.state_tensors import ADAM_STATES, STATE_KEYS, host_copy
 
 
 class MegatronBackend:
@@ -422,7 +269,7 @@ class MegatronBackend:
         # Checked on every rank before any collective, so a bad checkpoint fails everywhere.
         available = set(ckpt.optimizer_keys())
         needed = [
-            f"{p}/{k}" for n, _ in self._params for p in self.conv.hf_parts(n) for k in STATE_KEYS
+            f"{p}/{k}" for n, _ in self._params for p in self.conv.hf_sources(n) for k in STATE_KEYS
         ]
         if missing := [k for k in needed if k not in available]:
             raise CheckpointError(
@@ -438,7 +285,7 @@ class MegatronBackend:
                 if param not in shards:
                     continue
                 owned, shard, state = shards[param]
-                parts = self.conv.hf_parts(name)
+                parts = self.conv.hf_sources(name)
                 tensors = ckpt.optimizer_tensors([f"{p}/{k}" for p in parts for k in STATE_KEYS])
                 targets = (shard, *(state[k] for k in ADAM_STATES))
                 for key, target in zip(STATE_KEYS, targets, strict=True):

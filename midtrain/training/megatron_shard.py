@@ -1,0 +1,169 @@
+"""One rank's part of a megatron-core model: which tensors it holds (its pipeline stage's layers,
+their tensor-parallel pieces), how they convert to and from Hugging Face names, how the stages'
+weights gather on rank 0, and the loss over vocabulary-parallel logits.
+
+These need ``torch.distributed`` and megatron's ``parallel_state``, not CUDA: they are tested on
+CPU with gloo at tensor 2 x pipeline 2 (tests/test_megatron_cpu.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from midtrain.checkpoints.megatron_convert import (
+    GPTShape,
+    LayerSpec,
+    PipelineStage,
+    hf_sources,
+    hf_to_mcore,
+    hf_to_mcore_tensor,
+    mcore_tensor_to_hf,
+    padded_vocab_size,
+    pipeline_stage,
+    shard_tensor_parallel,
+    unshard_tensor_parallel,
+)
+from midtrain.training.state_tensors import host_copy
+
+
+@dataclass
+class RankConversion:
+    """HF <-> megatron-core for the part of the model one rank holds: its pipeline stage's
+    tensors (local layer numbers), and of those its tensor-parallel piece."""
+
+    shape: GPTShape
+    layer_spec: LayerSpec
+    padded_vocab: int
+    stage: PipelineStage
+    tp: int
+    tp_rank: int
+    tp_group: Any = None  # the tensor-parallel process group (None: the default group)
+
+    @classmethod
+    def from_parallel_state(cls, hf_config: Any, layer_spec: LayerSpec) -> RankConversion:
+        """This rank's part, from megatron's ``parallel_state`` (initialised by the caller)."""
+        shape = GPTShape.from_hf_config(hf_config)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return cls(
+            shape=shape,
+            layer_spec=layer_spec,
+            padded_vocab=padded_vocab_size(shape.vocab_size, tp),
+            stage=pipeline_stage(
+                shape.num_layers,
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_rank(),
+            ),
+            tp=tp,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
+
+    def rank_weights(self, hf: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+        """This rank's tensors from a whole model's HF state dict."""
+        mc = hf_to_mcore(
+            hf,
+            self.shape,
+            self.layer_spec,
+            padded_vocab_size=self.padded_vocab,
+            where=where,
+            stage=self.stage,
+        )
+        return shard_tensor_parallel(mc, self.shape, self.tp)[self.tp_rank]
+
+    def rank_piece(self, name: str, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's piece of the megatron tensor ``name``, from the HF tensors it is made of
+        (``hf_sources``)."""
+        full = hf_to_mcore_tensor(
+            name,
+            hf,
+            self.shape,
+            self.layer_spec,
+            padded_vocab_size=self.padded_vocab,
+            stage=self.stage,
+        )
+        return shard_tensor_parallel({name: full}, self.shape, self.tp)[self.tp_rank][name]
+
+    def hf_sources(self, name: str) -> list[str]:
+        return hf_sources(name, self.shape, self.layer_spec, stage=self.stage)
+
+    def join(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+        """A collective over the tensor-parallel group: the full tensor from every rank's piece."""
+        if self.tp == 1:
+            return piece
+        pieces = [torch.empty_like(piece) for _ in range(self.tp)]
+        dist.all_gather(pieces, piece.contiguous(), group=self.tp_group)
+        return unshard_tensor_parallel([{name: p} for p in pieces], check_replicas=False)[name]
+
+    def vocab_padding(self, device: torch.device) -> torch.Tensor | None:
+        """Which of this rank's vocabulary columns are padding (None where none are)."""
+        columns = self.padded_vocab // self.tp
+        first = self.tp_rank * columns
+        padding = torch.arange(first, first + columns, device=device) >= self.shape.vocab_size
+        return padding if bool(padding.any()) else None
+
+    def to_hf(self, name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The HF tensors of a full megatron tensor (none for the last stage's tied copy)."""
+        return mcore_tensor_to_hf(
+            name,
+            full,
+            self.shape,
+            self.layer_spec,
+            padded_vocab_size=self.padded_vocab,
+            stage=self.stage,
+        )
+
+
+def token_losses(
+    logits: torch.Tensor, labels: torch.Tensor, padding: torch.Tensor | None
+) -> torch.Tensor:
+    """Next-token cross-entropy [b, s] from this tensor-parallel rank's logits [b, s, vocab/tp]
+    over the real vocabulary: the padding columns (the vocabulary is padded to split evenly over
+    tensor-parallel ranks) are masked out, so the loss is the HF model's, and the padded rows get
+    no gradient (they stay zero and are cut off on save, so a resume is exact)."""
+    logits = logits.float()
+    if padding is not None:
+        logits = logits.masked_fill(padding, float("-inf"))
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def gather_model_state(
+    conv: RankConversion,
+    params: list[tuple[str, torch.Tensor]],
+    data_rank: int,
+    device: torch.device,
+) -> dict[str, torch.Tensor] | None:
+    """A collective: the whole model's HF-named weights as CPU copies on global rank 0, None
+    elsewhere. Each stage's first data-parallel replica joins its tensor-parallel pieces; the
+    first rank of each later stage sends its HF tensors to rank 0 (a list of names, shapes and
+    dtypes, then the tensors in that order)."""
+    state: dict[str, torch.Tensor] = {}
+    if data_rank == 0:  # weights are the same on every data-parallel replica
+        for name, param in params:
+            full = conv.join(name, param.detach())
+            if conv.tp_rank == 0:
+                state.update({k: host_copy(v) for k, v in conv.to_hf(name, full).items()})
+    rank = dist.get_rank()
+    if conv.stage.first and conv.stage.last:
+        return state if rank == 0 else None
+    stage_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    if rank == 0:
+        for src in stage_ranks[1:]:
+            header: list[Any] = [None]
+            dist.recv_object_list(header, src=src, device=device)
+            for name, shape, dtype in header[0]:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                dist.recv(buffer, src=src)
+                state[name] = host_copy(buffer)
+        return state
+    if data_rank == 0 and conv.tp_rank == 0:
+        header = [[(k, tuple(v.shape), v.dtype) for k, v in state.items()]]
+        dist.send_object_list(header, dst=0, device=device)
+        for tensor in state.values():
+            dist.send(tensor.to(device), dst=0)
+    return None
