@@ -107,9 +107,10 @@ def spec_file(
 
 
 def run(spec: Path) -> list[dict[str, Any]]:
-    world = yaml.safe_load(spec.read_text())["workers"]
+    data = yaml.safe_load(spec.read_text())
+    world = data["workers"]
     mp.spawn(train_worker, args=(world, free_port(), str(spec)), nprocs=world, join=True)
-    return read_metrics(yaml.safe_load(spec.read_text())["run_dir"])
+    return read_metrics(data["run_dir"])
 
 
 def rewind(run_dir: Path, to: Path, step: int) -> Path:
@@ -120,6 +121,17 @@ def rewind(run_dir: Path, to: Path, step: int) -> Path:
             shutil.rmtree(ckpt)
     (to / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
     return to
+
+
+def resume_copy(spec: Path, step: int) -> list[dict[str, Any]]:
+    """Resume a copy of ``spec``'s run rewound to ``step`` (same spec, run_dir ``<run>_resumed``)
+    to its end; the copy's metrics."""
+    data = yaml.safe_load(spec.read_text())
+    run_dir = Path(data["run_dir"])
+    resumed = rewind(run_dir, run_dir.with_name(f"{run_dir.name}_resumed"), step)
+    resumed_spec = spec.with_name(f"{resumed.name}.yaml")
+    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed)}))
+    return run(resumed_spec)
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +160,8 @@ def test_continued_pretraining_from_hf_learns_and_saves_hf_weights(megatron_run:
 
 
 def test_resume_is_exact(megatron_run: Any) -> None:
-    tmp, spec, records = megatron_run
-    resumed_dir = rewind(tmp / "megatron", tmp / "resumed", 4)
-    resumed_spec = tmp / "resumed.yaml"
-    data = yaml.safe_load(spec.read_text())
-    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed_dir)}))
-    again = run(resumed_spec)
+    _, spec, records = megatron_run
+    again = resume_copy(spec, 4)
     assert [r["step"] for r in again] == list(range(1, STEPS + 1))
     for a, b in zip(records, again, strict=True):
         assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"])
@@ -191,11 +199,7 @@ def test_deepspeed_bf16_resume_is_exact_on_gpu(
     )
     records = run(spec)
     assert records[-1]["loss"] < records[0]["loss"]
-    resumed_dir = rewind(tmp_path / "ds_bf16", tmp_path / "ds_bf16_resumed", 4)
-    data = yaml.safe_load(spec.read_text())
-    resumed_spec = tmp_path / "ds_bf16_resumed.yaml"
-    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed_dir)}))
-    again = run(resumed_spec)
+    again = resume_copy(spec, 4)
     for a, b in zip(records, again, strict=True):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
 
@@ -225,10 +229,6 @@ def test_two_workers_learn_and_resume_exactly(
     ckpt = load_checkpoint(tmp_path / "two")
     model = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(ckpt.path))
     model.load_state_dict(ckpt.model_state_dict(), strict=True)  # every stage's weights arrived
-    resumed_dir = rewind(tmp_path / "two", tmp_path / "two_resumed", 4)
-    data = yaml.safe_load(spec.read_text())
-    resumed_spec = tmp_path / "two_resumed.yaml"
-    resumed_spec.write_text(yaml.safe_dump({**data, "run_dir": str(resumed_dir)}))
-    again = run(resumed_spec)
+    again = resume_copy(spec, 4)
     for a, b in zip(records, again, strict=True):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
