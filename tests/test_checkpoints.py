@@ -197,6 +197,22 @@ def test_saving_a_step_again_replaces_it_whole(
     assert not torch.equal(state[embed], first.state_dict()[embed])  # the first save is gone
 
 
+def test_optimizer_keys_check_names_the_first_missing_tensor(tmp_path: Path) -> None:
+    # What both training backends run on every rank before loading optimizer state.
+    from midtrain.training.state_tensors import check_optimizer_keys
+
+    model = tiny_llama()
+    names = [name for name, _ in model.named_parameters()]
+    state = opt_state(model)
+    del state[f"{names[1]}/exp_avg_sq"]
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        path = save(saver, model, 1, optimizer_state=state)
+    ckpt = load_checkpoint(path)
+    check_optimizer_keys(ckpt, names[:1])  # the first parameter's state is all there
+    with pytest.raises(CheckpointError, match=rf"lacks 1 tensors \(first: {names[1]}/exp_avg_sq\)"):
+        check_optimizer_keys(ckpt, names)
+
+
 def test_rng_and_trainer_state_are_json(tmp_path: Path) -> None:
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     rng = capture_rng_state()

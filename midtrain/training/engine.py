@@ -29,7 +29,13 @@ from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError
 from midtrain.training.checkpointing import StartPoint
 from midtrain.training.model import apply_model_options, parameter_groups, sequence_losses
-from midtrain.training.state_tensors import ADAM_STATES, STATE_KEYS, host_copy
+from midtrain.training.state_tensors import (
+    ADAM_STATES,
+    STATE_KEYS,
+    check_optimizer_keys,
+    dealt,
+    host_copy,
+)
 
 
 def deepspeed_config(spec: RunSpec, num_params: int) -> dict[str, Any]:
@@ -154,13 +160,7 @@ def load_optimizer_state(engine: deepspeed.DeepSpeedEngine, ckpt: Checkpoint, st
     saving world size). Under ZeRO every rank takes its slice of every parameter, so each rank
     reads every entry, but one parameter at a time: host memory holds one parameter's state, not
     the model's (12 bytes per parameter, on every rank of a node at once)."""
-    names = [name for name, _ in engine.module.named_parameters()]
-    available = set(ckpt.optimizer_keys())
-    missing = [f"{n}/{k}" for n in names for k in STATE_KEYS if f"{n}/{k}" not in available]
-    if missing:
-        raise CheckpointError(
-            f"{ckpt.path}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
-        )
+    check_optimizer_keys(ckpt, [name for name, _ in engine.module.named_parameters()])
     _materialise_adam_state(engine, step)
     partitioned = _partitioned(engine)
     inner = _inner_optimizer(engine)
@@ -213,10 +213,8 @@ class DeepSpeedBackend:
         self.micro_batch_size = spec.train.micro_batch_size
         self.device = self.engine.device
         self.hf_config = self.engine.module.config
-        # Parameters are dealt round-robin over ranks for saving, so every rank writes about the
-        # same amount of optimizer state.
         names = [name for name, _ in self.engine.module.named_parameters()]
-        self._saved_here = {name for i, name in enumerate(names) if i % world == rank}
+        self._saved_here = dealt(names, world, rank)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups

@@ -54,7 +54,13 @@ from midtrain.training.megatron_model import (
 from midtrain.training.megatron_shard import RankConversion, gather_model_state, token_losses
 from midtrain.training.model import build_model
 from midtrain.training.parallel import check_model_fits
-from midtrain.training.state_tensors import ADAM_STATES, STATE_KEYS, host_copy
+from midtrain.training.state_tensors import (
+    ADAM_STATES,
+    STATE_KEYS,
+    check_optimizer_keys,
+    dealt,
+    host_copy,
+)
 
 
 class MegatronBackend:
@@ -135,11 +141,8 @@ class MegatronBackend:
         # The trained parameters by megatron name (a stage's local layer numbers), in the same
         # order on every rank of a stage; each is saved by one rank of the stage.
         self._params = list(gpt.named_parameters())
-        stage_ranks = tp * self.data_world
-        here = self.data_rank * tp + self.conv.tp_rank
-        self._saved_here = {
-            name for i, (name, _) in enumerate(self._params) if i % stage_ranks == here
-        }
+        here = self.data_rank * tp + self.conv.tp_rank  # this rank's index within its stage
+        self._saved_here = dealt([name for name, _ in self._params], tp * self.data_world, here)
 
     # --- start --------------------------------------------------------------------------------
 
@@ -266,15 +269,7 @@ class MegatronBackend:
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
         """Each rank reads, one parameter at a time, the HF tensors its parameters are made of,
         converts them, and takes its tensor-parallel piece and its data-parallel slice."""
-        # Checked on every rank before any collective, so a bad checkpoint fails everywhere.
-        available = set(ckpt.optimizer_keys())
-        needed = [
-            f"{p}/{k}" for n, _ in self._params for p in self.conv.hf_sources(n) for k in STATE_KEYS
-        ]
-        if missing := [k for k in needed if k not in available]:
-            raise CheckpointError(
-                f"{ckpt.path}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
-            )
+        check_optimizer_keys(ckpt, [p for n, _ in self._params for p in self.conv.hf_sources(n)])
         for do in self._distributed_optimizers():
             for group in do.optimizer.param_groups:
                 group["lr"] = 0.0  # the dummy step that creates the state must not move weights

@@ -6,7 +6,12 @@ master weights) and the AdamW moments ``<name>/exp_avg``, ``<name>/exp_avg_sq``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
+
+from midtrain.checkpoints import Checkpoint
+from midtrain.errors import CheckpointError
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 STATE_KEYS = ("master", *ADAM_STATES)
@@ -15,3 +20,20 @@ STATE_KEYS = ("master", *ADAM_STATES)
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy nobody else holds: one copy whether the tensor is on a GPU or already on CPU."""
     return tensor.detach().to("cpu", copy=True)
+
+
+def dealt(names: Sequence[str], ranks: int, index: int) -> set[str]:
+    """The names that rank ``index`` of ``ranks`` saves: dealt round-robin, so every rank writes
+    about the same amount of optimizer state."""
+    return {name for i, name in enumerate(names) if i % ranks == index}
+
+
+def check_optimizer_keys(ckpt: Checkpoint, names: Iterable[str]) -> None:
+    """Refuse a checkpoint whose optimizer state lacks a tensor of one of ``names`` (HF parameter
+    names). Every rank checks before any collective, so a bad checkpoint fails everywhere."""
+    available = set(ckpt.optimizer_keys())
+    missing = [f"{n}/{k}" for n in names for k in STATE_KEYS if f"{n}/{k}" not in available]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.path}: optimizer state lacks {len(missing)} tensors (first: {missing[0]})"
+        )
