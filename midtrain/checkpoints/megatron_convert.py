@@ -338,8 +338,8 @@ def hf_to_mcore(
     stage = stage or whole_model(shape)
     if stage.layers.stop > shape.num_layers:
         raise ValueError(f"stage layers {stage.layers} exceed num_layers {shape.num_layers}")
-    needed = set(hf_names(shape, stage))
     if stage != whole_model(shape):  # this stage's part; the rest must still be the model's
+        needed = set(hf_names(shape, stage))
         unknown = set(hf) - set(hf_names(shape)) - {HF_LM_HEAD}
         _Tensors({k: hf[k] for k in unknown}, where, _IGNORED_HF_SUFFIXES).finish()
         # A tied lm_head is checked against the embedding where the stage holds one.
@@ -394,14 +394,10 @@ def hf_names(shape: GPTShape, stage: PipelineStage | None = None) -> list[str]:
     model has no ``lm_head.weight``; the last stage of a tied model needs the embedding too)."""
     stage = stage or whole_model(shape)
     names = [HF_EMBED] if stage.first or (stage.last and shape.tie_embeddings) else []
-    optional = {"q_bias", "k_bias", "v_bias"} if shape.qkv_bias else set()
-    optional |= {"q_norm", "k_norm"} if shape.qk_norm else set()
+    absent = set() if shape.qkv_bias else {"q_bias", "k_bias", "v_bias"}
+    absent |= set() if shape.qk_norm else {"q_norm", "k_norm"}
     for i in stage.layers:
-        names += [
-            name
-            for key, name in _hf_layer(i).items()
-            if key not in ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm") or key in optional
-        ]
+        names += [name for key, name in _hf_layer(i).items() if key not in absent]
     if stage.last:
         names.append(HF_NORM)
         if not shape.tie_embeddings:

@@ -114,7 +114,7 @@ def _link_fragments(engine: deepspeed.DeepSpeedEngine) -> None:
 
 
 def gather_optimizer_state(
-    engine: deepspeed.DeepSpeedEngine, keep: Callable[[str], bool] = lambda name: True
+    engine: deepspeed.DeepSpeedEngine, keep: Callable[[str], bool]
 ) -> dict[str, torch.Tensor]:
     """Full fp32 master weights and Adam moments of the parameters ``keep`` selects, as CPU
     copies. A collective under ZeRO: every rank gathers every parameter, and keeps its own."""
