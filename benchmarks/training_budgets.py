@@ -1,0 +1,206 @@
+"""The two time budgets of a real training run: data loading as a share of step time, and what
+checkpoint saves cost the run. Prints JSON.
+
+    .venv/bin/python benchmarks/training_budgets.py [--backend deepspeed|megatron]
+        [--preset 1b|tiny] [--seq-length 2048] [--micro-batch 4] [--steps 60] [--interval 20]
+        [--no-compile] [--dir DIR]
+
+midtrain's own training loop (``midtrain.training.loop.train``, one process, world size 1: NCCL
+on a GPU, gloo on CPU) trains a new model of the preset's shape (``benchmarks/throughput.py``'s
+presets) on the sample corpora, tokenized and sampled as in any run. It runs twice, each in a
+fresh process: once saving every ``--interval`` steps (asynchronous saves, as by default) and
+once saving only at the end. Both end with the same blocking final save.
+
+* data loading: the loop's own ``data_s / steps_s`` (drawing the batch from the mixture), the
+  figure the run summary prints. Goal: < 1% of step time.
+* checkpoints: the loop's ``checkpoint_s`` counts only the time a save blocks the loop. An
+  asynchronous save also writes in the background while training goes on, so the cost per save
+  here is the difference in wall time between the two runs over the same steps (from the end of
+  step ``--warmup``, after compilation, to the end of the last step, before the final save),
+  divided by the number of intermediate saves: blocking plus any slowdown of the steps it causes.
+  The share of a run is projected from it and the median step time, for saving every
+  ``--interval``, 500 and 1000 steps. Goal: < 2% of the run.
+
+A run's final save (blocking, as in every run) is outside that window; it is reported on its
+own. On a GPU the run is bf16 with ``torch.compile`` (DeepSpeed; ``--no-compile`` to turn it off);
+on CPU fp32 without compile, for checking the code path with ``--preset tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from throughput import PRESETS
+from train_cpu import prepare
+
+from midtrain.training.metrics import read_metrics
+
+BACKENDS = ("deepspeed", "megatron")
+PROJECT_INTERVALS = (500, 1000)  # steps between saves, for the projected share
+
+
+def write_spec(root: Path, data: dict[str, str], args: argparse.Namespace, interval: int | None):
+    cuda = torch.cuda.is_available()
+    label = f"every-{interval}" if interval else "end-only"
+    spec = {
+        "run_dir": str(root / label),
+        "model": {
+            "tokenizer": data["tokenizer"],
+            "config": PRESETS[args.preset],
+            "compile": cuda and args.compile and args.backend == "deepspeed",
+        },
+        "mixture": {
+            "seq_length": args.seq_length,
+            "seed": 1,
+            "sources": [
+                {"name": "legal", "kind": "customer", "path": [data["legal"]], "weight": 0.5},
+                {"name": "general", "kind": "curated", "path": [data["general"]], "weight": 0.5},
+            ],
+        },
+        "optimizer": {"lr": 3e-4},
+        "schedule": {"kind": "constant"},
+        "train": {
+            "global_batch_size": args.micro_batch,
+            "micro_batch_size": args.micro_batch,
+            "max_steps": args.steps,
+            "precision": "bf16" if cuda else "fp32",
+            "deterministic": False,
+            "backend": args.backend,
+        },
+        "checkpoint": {"interval": interval, "keep_last": 1, "async_save": True},
+        "workers": 1,
+    }
+    path = root / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def child(spec_path: str) -> None:
+    """One training run in this process (world size 1), as a Ray worker would run it."""
+    import torch.distributed as dist
+
+    from midtrain.config import load_run_spec
+    from midtrain.runtime_env import setup_process
+    from midtrain.training.loop import train
+
+    setup_process()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    train(load_run_spec(spec_path))
+    dist.destroy_process_group()
+
+
+def run(spec_path: Path, warmup: int) -> dict[str, Any]:
+    """Train in a fresh process (megatron keeps its parallel state in module globals). The loop's
+    own timing from ``control/status.json``, and from its metrics the wall time from the end of
+    step ``warmup`` to the end of the last step: after compilation and before the final save."""
+    env = {**os.environ, "MIDTRAIN_NO_PROGRESS": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(spec_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"training run {spec_path.name} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
+    run_dir = Path(yaml.safe_load(spec_path.read_text())["run_dir"])
+    timing = json.loads((run_dir / "control" / "status.json").read_text())["timing"]
+    records = read_metrics(run_dir)
+    steady = records[warmup:]
+    return {
+        **timing,
+        "window_s": round(records[-1]["time"] - records[warmup - 1]["time"], 4),
+        "median_step_s": round(statistics.median(r["step_time_s"] for r in steady), 4),
+    }
+
+
+def report(args: argparse.Namespace, every: dict[str, Any], end_only: dict[str, Any]) -> dict:
+    saves = args.steps // args.interval - (args.steps % args.interval == 0)  # not the final one
+    step_s = end_only["median_step_s"]
+    per_save = (every["window_s"] - end_only["window_s"]) / saves
+    data_share = 100 * every["data_s"] / every["steps_s"]
+
+    def share(interval: int) -> float:
+        return round(100 * per_save / (interval * step_s + per_save), 3)
+
+    projected = {str(n): share(n) for n in (args.interval, *PROJECT_INTERVALS)}
+    return {
+        "benchmark": "training_budgets",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "backend": args.backend,
+        "preset": args.preset,
+        "seq_length": args.seq_length,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "interval": args.interval,
+        "intermediate_saves": saves,
+        "step_time_s": step_s,
+        "data_loading_pct_of_step": round(data_share, 4),
+        "checkpoint_cost_per_save_s": round(per_save, 3),
+        "checkpoint_blocking_per_save_s": round(
+            (every["checkpoint_s"] - end_only["checkpoint_s"]) / saves, 3
+        ),
+        "final_save_s": end_only["checkpoint_s"],
+        "checkpoint_pct_of_run_by_interval": projected,
+        "goals": {
+            "data_loading_below_1pct": data_share < 1.0,
+            "checkpoint_below_2pct_at_1000_steps": projected["1000"] < 2.0,
+        },
+        "runs": {f"every_{args.interval}": every, "end_only": end_only},
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=BACKENDS, default="deepspeed")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--seq-length", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--interval", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--dir", help="where the data and runs go (default: a temporary folder)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.child and not 0 < args.warmup < args.interval < args.steps:
+        parser.error("need 0 < --warmup < --interval < --steps")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    if args.child:
+        child(args.child)
+        return 0
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone
+            data = prepare(root / "data")
+        end_only = run(write_spec(root, data, args, None), args.warmup)
+        every = run(write_spec(root, data, args, args.interval), args.warmup)
+    print(json.dumps(report(args, every, end_only), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,56 @@
+"""benchmarks/training_budgets.py measures the two run-time budgets from real training runs. On
+CPU (tiny model) it checks that the measuring itself works: two real runs, one JSON document on
+stdout, figures that agree with each other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "training_budgets.py"
+
+
+@pytest.mark.slow
+def test_budgets_from_two_real_runs(tmp_path: Path) -> None:
+    args = ["--preset", "tiny", "--seq-length", "64", "--steps", "12", "--interval", "5"]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--warmup", "2", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # stdout is the JSON document and nothing else
+    assert report["device"] == "cpu" and report["intermediate_saves"] == 2  # at steps 5 and 10
+
+    every, end_only = report["runs"]["every_5"], report["runs"]["end_only"]
+    for timing in (every, end_only):
+        assert 0 < timing["data_s"] < timing["steps_s"] < timing["run_s"]
+        assert 0 < timing["window_s"] < timing["run_s"]
+        assert timing["checkpoint_s"] > 0  # every run ends with a blocking save
+    assert report["final_save_s"] == end_only["checkpoint_s"]
+
+    share = report["data_loading_pct_of_step"]
+    assert share == pytest.approx(100 * every["data_s"] / every["steps_s"], abs=1e-3)
+    assert report["goals"]["data_loading_below_1pct"] == (share < 1)
+    shares = report["checkpoint_pct_of_run_by_interval"]
+    assert list(shares) == ["5", "500", "1000"]
+    # Saving less often costs a smaller share of the run (same cost per save).
+    if report["checkpoint_cost_per_save_s"] > 0:
+        assert shares["5"] > shares["500"] > shares["1000"] > 0
+    assert not list(tmp_path.iterdir())  # runs and data went into a temporary folder, now gone
+
+
+def test_refuses_an_interval_outside_the_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--steps", "10", "--interval", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--interval" in proc.stderr
+    assert proc.stdout == ""
