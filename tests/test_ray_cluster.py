@@ -222,3 +222,34 @@ def test_jobs_stop_checkpoints_and_the_run_resumes_exactly(
     done = midtrain(env, "train", "--resume", str(run_dir), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert exact_view(run_dir) == exact_view(completed[0])
+
+
+def test_a_run_that_fails_on_the_cluster_exits_with_its_status_and_says_why(
+    ray_head: RayHead,
+    completed: tuple[Path, str],
+    tmp_path: Path,
+    prepared_corpora: dict[str, Path],
+) -> None:
+    # A start checkpoint damaged after it was written. The spec is valid (checked here, before
+    # anything is submitted); the job finds the damage on the cluster, when it verifies the files.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(list_checkpoints(completed[0])[-1].path, damaged)
+    victim = max(damaged.rglob("*.safetensors"), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:  # the last byte is tensor data: the file still parses
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)[0]
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last ^ 0xFF]))
+    spec = run_spec(tmp_path, prepared_corpora, "broken", init_from={"checkpoint": str(damaged)})
+
+    env = ray_head.client_env()
+    done = midtrain(env, "train", str(spec), "--ray-address", ray_head.url, timeout=300)
+    out = done.stdout + done.stderr
+    job_id = re.search(r"submitted Ray job (\S+)", out).group(1)
+    # The driver's own exit status (a user error: 2), and its message streamed back.
+    assert done.returncode == 2, out
+    assert str(victim) in out and "altered" in out, out
+    assert "Traceback" not in out
+    status = midtrain(env, "jobs", "status", job_id, "--ray-address", ray_head.url)
+    assert status.returncode == 0 and "FAILED" in status.stdout, status.stdout + status.stderr
+    assert not (tmp_path / "broken" / "checkpoints").exists()  # it failed before writing any
