@@ -21,6 +21,7 @@ from midtrain.checkpoints.megatron_convert import (
     hf_parts,
     hf_to_mcore,
     hf_to_mcore_tensor,
+    mcore_shapes,
     mcore_tensor_to_hf,
     mcore_to_hf,
     padded_vocab_size,
@@ -379,6 +380,9 @@ def test_one_tensor_at_a_time_matches_the_whole_state_dict_conversion(name: str,
         stage = pipeline_stage(shape.num_layers, 2, rank)
         mc = hf_to_mcore(hf, shape, spec, padded_vocab_size=384, stage=stage)  # type: ignore[arg-type]
         whole_back = mcore_to_hf(mc, shape, spec, padded_vocab_size=384, stage=stage)  # type: ignore[arg-type]
+        # The tensor list mcore_to_hf checks against is what hf_to_mcore builds, shapes included.
+        expected = mcore_shapes(shape, spec, padded_vocab_size=384, stage=stage)  # type: ignore[arg-type]
+        assert list(expected.items()) == [(k, tuple(v.shape)) for k, v in mc.items()]
         back: dict[str, torch.Tensor] = {}
         for mc_name, tensor in mc.items():
             pieces = mcore_tensor_to_hf(

@@ -405,6 +405,38 @@ def hf_names(shape: GPTShape, stage: PipelineStage | None = None) -> list[str]:
     return names
 
 
+def mcore_shapes(
+    shape: GPTShape,
+    spec: LayerSpec = "local",
+    *,
+    padded_vocab_size: int | None = None,
+    stage: PipelineStage | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The tensors of a (stage of a) megatron-core ``GPTModel`` of ``shape``, local names, with
+    their full (TP-unsharded) shapes, in state-dict order. ``_extra_state`` entries are left out."""
+    stage = stage or whole_model(shape)
+    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
+    vocab = _check_padding(shape, padded_vocab_size)
+    out: dict[str, tuple[int, ...]] = {MC_EMBED: (vocab, h)} if stage.first else {}
+    for local in range(stage.num_layers):
+        m = _mc_layer(local, spec)
+        out[m["attn_norm"]] = (h,)
+        out[m["qkv"]] = (shape.qkv_rows, h)
+        if shape.qkv_bias:
+            out[m["qkv_bias"]] = (shape.qkv_rows,)
+        if shape.qk_norm:
+            out[m["q_norm"]] = out[m["k_norm"]] = (d,)
+        out[m["proj"]] = (h, shape.num_heads * d)
+        out[m["mlp_norm"]] = (h,)
+        out[m["fc1"]] = (2 * f, h)
+        out[m["fc2"]] = (h, f)
+    if stage.last:
+        out[MC_NORM] = (h,)
+        if not shape.tie_embeddings or not stage.first:  # a later stage's copy of a tied one
+            out[MC_OUTPUT] = (vocab, h)
+    return out
+
+
 def mcore_to_hf(
     mc: Mapping[str, torch.Tensor],
     shape: GPTShape,
@@ -415,42 +447,23 @@ def mcore_to_hf(
     stage: PipelineStage | None = None,
 ) -> dict[str, torch.Tensor]:
     """An HF causal-LM state dict from a full megatron-core ``GPTModel`` state dict (the inverse of
-    ``hf_to_mcore``). Tied models get no ``lm_head.weight``, as HF saves them. Megatron's
+    ``hf_to_mcore``): every tensor ``mcore_shapes`` lists, checked and converted by
+    ``mcore_tensor_to_hf``. Tied models get no ``lm_head.weight``, as HF saves them. Megatron's
     ``_extra_state`` entries (TE's FP8 metadata, None for the local spec) carry no weights and
     are skipped. ``stage`` converts one pipeline stage's state dict (local layer numbers) to its
     HF tensors (global numbers); the last stage's copy of a tied embedding is dropped."""
-    stage = stage or whole_model(shape)
     src = _Tensors(mc, where, ("._extra_state",))
-    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
-    vocab = _check_padding(shape, padded_vocab_size)
     out: dict[str, torch.Tensor] = {}
-    if stage.first:
-        out[HF_EMBED] = src.take(MC_EMBED, (vocab, h))[: shape.vocab_size]
-    for local, i in enumerate(stage.layers):
-        a, m = _hf_layer(i), _mc_layer(local, spec)
-        out[a["attn_norm"]] = src.take(m["attn_norm"], (h,))
-        out[a["q"]], out[a["k"]], out[a["v"]] = split_qkv(
-            src.take(m["qkv"], (shape.qkv_rows, h)), shape
+    expected = mcore_shapes(shape, spec, padded_vocab_size=padded_vocab_size, stage=stage)
+    for name, tensor_shape in expected.items():
+        tensor = src.take(name, tensor_shape)
+        out.update(
+            mcore_tensor_to_hf(
+                name, tensor, shape, spec, padded_vocab_size=padded_vocab_size, stage=stage
+            )
         )
-        if shape.qkv_bias:
-            bias = src.take(m["qkv_bias"], (shape.qkv_rows,))
-            out[a["q_bias"]], out[a["k_bias"]], out[a["v_bias"]] = split_qkv(bias, shape)
-        if shape.qk_norm:
-            out[a["q_norm"]] = src.take(m["q_norm"], (d,))
-            out[a["k_norm"]] = src.take(m["k_norm"], (d,))
-        out[a["o"]] = src.take(m["proj"], (h, shape.num_heads * d))
-        out[a["mlp_norm"]] = src.take(m["mlp_norm"], (h,))
-        out[a["gate"]], out[a["up"]] = src.take(m["fc1"], (2 * f, h)).chunk(2)
-        out[a["down"]] = src.take(m["fc2"], (h, f))
-    if stage.last:
-        out[HF_NORM] = src.take(MC_NORM, (h,))
-        if not shape.tie_embeddings:
-            out[HF_LM_HEAD] = src.take(MC_OUTPUT, (vocab, h))[: shape.vocab_size]
-        elif not stage.first:
-            src.take(MC_OUTPUT, (vocab, h))  # the first stage's embedding is the saved copy
     src.finish()
-    # Slices and chunks are views into the fused tensors: contiguous copies save and load cleanly.
-    return {k: v.contiguous() for k, v in out.items()}
+    return out
 
 
 # --- one tensor at a time ------------------------------------------------------------------------
@@ -509,9 +522,9 @@ def mcore_tensor_to_hf(
     padded_vocab_size: int | None = None,
     stage: PipelineStage | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One full (TP-unsharded) megatron-core tensor as the HF tensors it holds: ``mcore_to_hf``
-    for a single tensor, so that per-parameter state (optimizer moments, master weights) converts
-    one parameter at a time."""
+    """One full (TP-unsharded) megatron-core tensor as the HF tensors it holds. ``mcore_to_hf``
+    applies it to every tensor; alone, it converts per-parameter state (optimizer moments, master
+    weights) one parameter at a time."""
     names = hf_parts(name, shape, spec, stage=stage)
     if name in (MC_EMBED, MC_OUTPUT):
         rows = _check_padding(shape, padded_vocab_size)
