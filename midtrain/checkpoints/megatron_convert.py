@@ -338,71 +338,68 @@ def hf_to_mcore(
     stage = stage or whole_model(shape)
     if stage.layers.stop > shape.num_layers:
         raise ValueError(f"stage layers {stage.layers} exceed num_layers {shape.num_layers}")
+    needed = hf_shapes(shape, stage)
     if stage != whole_model(shape):  # this stage's part; the rest must still be the model's
-        needed = set(hf_names(shape, stage))
         unknown = set(hf) - set(hf_names(shape)) - {HF_LM_HEAD}
         _Tensors({k: hf[k] for k in unknown}, where, _IGNORED_HF_SUFFIXES).finish()
         # A tied lm_head is checked against the embedding where the stage holds one.
         tied_head = shape.tie_embeddings and HF_EMBED in needed
         hf = {k: v for k, v in hf.items() if k in needed or (k == HF_LM_HEAD and tied_head)}
     src = _Tensors(hf, where, _IGNORED_HF_SUFFIXES)
-    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
-    vocab = _check_padding(shape, padded_vocab_size)
-    out: dict[str, torch.Tensor] = {}
-    embed = None
-    if stage.first or (stage.last and shape.tie_embeddings):
-        embed = src.take(HF_EMBED, (shape.vocab_size, h))
-    if stage.first:
-        out[MC_EMBED] = _pad_rows(embed, vocab)
-    for local, i in enumerate(stage.layers):
-        a, m = _hf_layer(i), _mc_layer(local, spec)
-        q = src.take(a["q"], (shape.num_heads * d, h))
-        k = src.take(a["k"], (shape.num_kv_heads * d, h))
-        v = src.take(a["v"], (shape.num_kv_heads * d, h))
-        out[m["attn_norm"]] = src.take(a["attn_norm"], (h,))
-        out[m["qkv"]] = fuse_qkv(q, k, v, shape)
-        if shape.qkv_bias:
-            qb = src.take(a["q_bias"], (shape.num_heads * d,))
-            kb = src.take(a["k_bias"], (shape.num_kv_heads * d,))
-            vb = src.take(a["v_bias"], (shape.num_kv_heads * d,))
-            out[m["qkv_bias"]] = fuse_qkv(qb, kb, vb, shape)
-        if shape.qk_norm:
-            out[m["q_norm"]] = src.take(a["q_norm"], (d,))
-            out[m["k_norm"]] = src.take(a["k_norm"], (d,))
-        out[m["proj"]] = src.take(a["o"], (h, shape.num_heads * d))
-        out[m["mlp_norm"]] = src.take(a["mlp_norm"], (h,))
-        gate, up = src.take(a["gate"], (f, h)), src.take(a["up"], (f, h))
-        out[m["fc1"]] = torch.cat([gate, up])
-        out[m["fc2"]] = src.take(a["down"], (h, f))
-    if stage.last:
-        out[MC_NORM] = src.take(HF_NORM, (h,))
-        if not shape.tie_embeddings:
-            out[MC_OUTPUT] = _pad_rows(src.take(HF_LM_HEAD, (shape.vocab_size, h)), vocab)
-        elif not stage.first:  # the last stage's own copy of the tied embedding
-            out[MC_OUTPUT] = _pad_rows(embed, vocab)
-    tied_head = shape.tie_embeddings and HF_LM_HEAD in hf and embed is not None
-    if tied_head and not torch.equal(src.take(HF_LM_HEAD, (shape.vocab_size, h)), embed):
-        raise CheckpointError(
-            f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
-        )
+    checked = {name: src.take(name, tensor_shape) for name, tensor_shape in needed.items()}
+    if shape.tie_embeddings and HF_LM_HEAD in hf and HF_EMBED in checked:
+        head = src.take(HF_LM_HEAD, needed[HF_EMBED])
+        if not torch.equal(head, checked[HF_EMBED]):
+            raise CheckpointError(
+                f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
+            )
     src.finish()
+    vocab = padded_vocab_size
+    return {
+        name: hf_to_mcore_tensor(name, checked, shape, spec, padded_vocab_size=vocab, stage=stage)
+        for name in mcore_shapes(shape, spec, padded_vocab_size=vocab, stage=stage)
+    }
+
+
+def hf_shapes(shape: GPTShape, stage: PipelineStage | None = None) -> dict[str, tuple[int, ...]]:
+    """The HF tensors a (stage of a) model of ``shape`` holds, as HF saves them, with their
+    shapes (a tied model has no ``lm_head.weight``; the last stage of a tied model needs the
+    embedding too)."""
+    stage = stage or whole_model(shape)
+    h, d, f = shape.hidden_size, shape.head_dim, shape.ffn_hidden_size
+    q_rows, kv_rows = shape.num_heads * d, shape.num_kv_heads * d
+    layer = {
+        "attn_norm": (h,),
+        "q": (q_rows, h),
+        "k": (kv_rows, h),
+        "v": (kv_rows, h),
+        "q_bias": (q_rows,),
+        "k_bias": (kv_rows,),
+        "v_bias": (kv_rows,),
+        "q_norm": (d,),
+        "k_norm": (d,),
+        "o": (h, q_rows),
+        "mlp_norm": (h,),
+        "gate": (f, h),
+        "up": (f, h),
+        "down": (h, f),
+    }
+    absent = set() if shape.qkv_bias else {"q_bias", "k_bias", "v_bias"}
+    absent |= set() if shape.qk_norm else {"q_norm", "k_norm"}
+    embed = stage.first or (stage.last and shape.tie_embeddings)
+    out: dict[str, tuple[int, ...]] = {HF_EMBED: (shape.vocab_size, h)} if embed else {}
+    for i in stage.layers:
+        out.update({name: layer[key] for key, name in _hf_layer(i).items() if key not in absent})
+    if stage.last:
+        out[HF_NORM] = (h,)
+        if not shape.tie_embeddings:
+            out[HF_LM_HEAD] = (shape.vocab_size, h)
     return out
 
 
 def hf_names(shape: GPTShape, stage: PipelineStage | None = None) -> list[str]:
-    """The HF tensor names a (stage of a) model of ``shape`` holds, as HF saves them (a tied
-    model has no ``lm_head.weight``; the last stage of a tied model needs the embedding too)."""
-    stage = stage or whole_model(shape)
-    names = [HF_EMBED] if stage.first or (stage.last and shape.tie_embeddings) else []
-    absent = set() if shape.qkv_bias else {"q_bias", "k_bias", "v_bias"}
-    absent |= set() if shape.qk_norm else {"q_norm", "k_norm"}
-    for i in stage.layers:
-        names += [name for key, name in _hf_layer(i).items() if key not in absent]
-    if stage.last:
-        names.append(HF_NORM)
-        if not shape.tie_embeddings:
-            names.append(HF_LM_HEAD)
-    return names
+    """The names of ``hf_shapes``."""
+    return list(hf_shapes(shape, stage))
 
 
 def mcore_shapes(
