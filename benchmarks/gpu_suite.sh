@@ -17,11 +17,22 @@ set -u
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [env] [tests] [throughput] [budgets]}
 shift
 stages=${*:-env tests throughput budgets}
+for s in $stages; do  # every name checked before anything runs
+    case $s in
+    env | tests | throughput | budgets) ;;
+    *)
+        echo "unknown stage: $s (env, tests, throughput, budgets)" >&2
+        exit 2
+        ;;
+    esac
+done
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.." || exit 2 # the repository root: the paths below are relative to it
 if [[ -z ${PYTHON:-} ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONUNBUFFERED=1
-mkdir -p "$out"
 status=0
 
 stage() {  # stage NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember a failure
@@ -37,7 +48,8 @@ stage() {  # stage NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember a fai
 
 env_report() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    "$PYTHON" - <<'EOF'
+    local smi=$?
+    "$PYTHON" - <<'EOF' || return
 import importlib.metadata as md, json, sys, torch
 packages = ["torch", "transformers", "deepspeed", "megatron-core", "transformer_engine",
             "flash_attn", "triton", "safetensors", "pydantic"]
@@ -51,6 +63,7 @@ print(json.dumps({"python": sys.version.split()[0], "cuda": torch.version.cuda,
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                   "packages": versions}, indent=2))
 EOF
+    return $smi
 }
 
 json_stage() {  # json_stage NAME COMMAND...: stdout is the JSON result, stderr the log
@@ -83,10 +96,6 @@ for s in $stages; do
             json_stage "budgets-$backend" "$PYTHON" benchmarks/training_budgets.py \
                 --backend "$backend"
         done
-        ;;
-    *)
-        echo "unknown stage: $s (env, tests, throughput, budgets)" >&2
-        exit 2
         ;;
     esac
 done

@@ -245,7 +245,9 @@ def test_a_run_that_fails_on_the_cluster_exits_with_its_status_and_says_why(
     env = ray_head.client_env()
     done = midtrain(env, "train", str(spec), "--ray-address", ray_head.url, timeout=300)
     out = done.stdout + done.stderr
-    job_id = re.search(r"submitted Ray job (\S+)", out).group(1)
+    submitted = re.search(r"submitted Ray job (\S+)", out)
+    assert submitted, out  # the failure is the job's, on the cluster, not the client's
+    job_id = submitted.group(1)
     # The driver's own exit status (a user error: 2), and its message streamed back.
     assert done.returncode == 2, out
     assert str(victim) in out and "altered" in out, out

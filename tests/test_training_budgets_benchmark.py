@@ -25,23 +25,30 @@ def test_budgets_from_two_real_runs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # stdout is the JSON document and nothing else
-    assert report["device"] == "cpu" and report["intermediate_saves"] == 2  # at steps 5 and 10
-
     every, end_only = report["runs"]["every_5"], report["runs"]["end_only"]
+    # Counted from the runs' own save events: steps 5, 10 and the final 12; the final 12 alone.
+    assert (every["saves"], end_only["saves"], report["intermediate_saves"]) == (3, 1, 2)
+    assert len(report["save_write_s"]) == 3 and report["save_gb"] > 0
     for timing in (every, end_only):
         assert 0 < timing["data_s"] < timing["steps_s"] < timing["run_s"]
-        assert 0 < timing["window_s"] < timing["run_s"]
+        assert 0 < timing["after_warmup_s"] < timing["run_s"]
+        assert 0 < timing["steady_data_s"] < timing["steady_steps_s"] < timing["steps_s"]
         assert timing["checkpoint_s"] > 0  # every run ends with a blocking save
     assert report["final_save_s"] == end_only["checkpoint_s"]
 
     share = report["data_loading_pct_of_step"]
-    assert share == pytest.approx(100 * every["data_s"] / every["steps_s"], abs=1e-3)
+    expected = 100 * end_only["steady_data_s"] / end_only["steady_steps_s"]
+    assert share == pytest.approx(expected, abs=1e-3)
     assert report["goals"]["data_loading_below_1pct"] == (share < 1)
     shares = report["checkpoint_pct_of_run_by_interval"]
     assert list(shares) == ["5", "500", "1000"]
-    # Saving less often costs a smaller share of the run (same cost per save).
     if report["checkpoint_cost_per_save_s"] > 0:
-        assert shares["5"] > shares["500"] > shares["1000"] > 0
+        # Saving less often costs a smaller share of the run (the same cost per save).
+        assert shares["5"] >= shares["500"] >= shares["1000"] >= 0
+        assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] == (shares["1000"] < 2)
+    else:  # within the noise of two runs: no figure and no verdict
+        assert set(shares.values()) == {None}
+        assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] is None
     assert not list(tmp_path.iterdir())  # runs and data went into a temporary folder, now gone
 
 

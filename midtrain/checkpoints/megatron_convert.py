@@ -338,6 +338,9 @@ def hf_to_mcore(
     stage = stage or whole_model(shape)
     if stage.layers.stop > shape.num_layers:
         raise ValueError(f"stage layers {stage.layers} exceed num_layers {shape.num_layers}")
+    vocab = padded_vocab_size
+    # Built first: a bad layer spec or padding is refused before any tensor is looked at.
+    built = mcore_shapes(shape, spec, padded_vocab_size=vocab, stage=stage)
     needed = hf_shapes(shape, stage)
     if stage != whole_model(shape):  # this stage's part; the rest must still be the model's
         unknown = set(hf) - set(hf_names(shape)) - {HF_LM_HEAD}
@@ -354,10 +357,9 @@ def hf_to_mcore(
                 f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
             )
     src.finish()
-    vocab = padded_vocab_size
     return {
         name: hf_to_mcore_tensor(name, checked, shape, spec, padded_vocab_size=vocab, stage=stage)
-        for name in mcore_shapes(shape, spec, padded_vocab_size=vocab, stage=stage)
+        for name in built
     }
 
 
