@@ -73,8 +73,12 @@ class MegatronBackend:
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.spec, self.rank = spec, rank
         tp, pp = spec.parallel.tensor, spec.parallel.pipeline
+        # No gloo groups: megatron uses them only for its own checkpoint format, and gloo must
+        # resolve the host name, which fails on machines without a network.
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            create_gloo_process_groups=False,
         )
         model_parallel_cuda_manual_seed(spec.train.seed)
         self.data_rank = parallel_state.get_data_parallel_rank()
@@ -120,6 +124,7 @@ class MegatronBackend:
                 use_distributed_optimizer=True,
             ),
             [self.model],
+            use_gloo_process_groups=False,
         )
         # Megatron marks norms and biases wd_mult 0 but leaves applying it to its LR scheduler,
         # which midtrain does not use: no decay on 1-D tensors, as in the DeepSpeed backend.

@@ -16,6 +16,7 @@ model is built: its layers read their tensor-parallel group from it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Mapping
 from typing import Any
@@ -30,12 +31,26 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from midtrain import console
 from midtrain.checkpoints.megatron_convert import GPTShape, LayerSpec
 from midtrain.errors import CheckpointError, ConfigError
 
 
+@functools.cache
 def have_transformer_engine() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
+    """Whether Transformer Engine imports (not just whether it is installed: a build for another
+    torch fails at import, and then the local layer spec is used, with a warning)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # any import failure of a compiled extension
+        console.info(
+            f"warning: transformer_engine is installed but does not import ({exc}); "
+            "using megatron's local layer spec"
+        )
+        return False
+    return True
 
 
 class SDPACoreAttention(MegatronModule):
@@ -143,8 +158,9 @@ def transformer_config(
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Fusions: the jit-scripted ones need a GPU; the rest need TE or apex kernels.
-        bias_dropout_fusion=on_gpu,
+        # Fusions: megatron 0.16 builds bias-dropout-add with torch.compile, a compile per process
+        # for nothing here (no biases, no dropout: it is a plain add); the rest need TE or apex.
+        bias_dropout_fusion=False,
         bias_activation_fusion=False,  # no biases: nothing to fuse
         masked_softmax_fusion=False,  # attention is SDPA or TE's, not megatron's softmax
         apply_rope_fusion=te,
