@@ -111,6 +111,17 @@ class TrainConfig(StrictModel):
         default="deepspeed", description="deepspeed (HF model, ZeRO) or megatron (megatron-core)"
     )
 
+    @model_validator(mode="after")
+    def _bf16_needs_zero(self) -> TrainConfig:
+        # DeepSpeed's stage-0 bf16 optimizer keeps its fp32 copies apart from the parameters,
+        # where midtrain's per-parameter checkpoint cannot find them.
+        if self.backend == "deepspeed" and self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError(
+                "train.precision bf16 needs train.zero_stage 1, 2 or 3 with the deepspeed backend "
+                "(stage 1 uses the same memory on one worker)"
+            )
+        return self
+
 
 class CheckpointConfig(StrictModel):
     interval: int | None = Field(

@@ -128,3 +128,12 @@ def test_spec_is_a_typed_tree(spec_file: Path) -> None:
     spec = load_run_spec(spec_file)
     assert isinstance(spec, RunSpec)
     assert spec.schedule.kind == "wsd" and spec.checkpoint.keep_last == 3
+
+
+def test_bf16_without_zero_is_refused_by_key(spec_file: Path) -> None:
+    with pytest.raises(ConfigError, match="train.precision bf16 needs train.zero_stage 1, 2 or 3"):
+        load_run_spec(spec_file, ["train.precision=bf16", "train.zero_stage=0"])
+    assert (
+        load_run_spec(spec_file, ["train.precision=bf16", "train.zero_stage=1"]).train.zero_stage
+        == 1
+    )
