@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,12 @@ def timed(step: Any, batches: list[torch.Tensor], warmup: int) -> tuple[float, l
     return seconds, [float(x) for x in losses]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_single_gpu_process_group() -> None:
     import torch.distributed as dist
 
@@ -229,11 +236,20 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(backend: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Measure ``backend`` in a fresh process; a failure is reported, not fatal to the others."""
+    """Measure ``backend`` in a fresh process; a failure (or a hang past ``--timeout``) is
+    reported, not fatal to the others."""
+    env = {**os.environ, "DS_ACCELERATOR": "cuda", "MASTER_PORT": str(free_port())}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", backend, "--child-out", str(out), *args.argv]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, timeout=args.timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            tail = (exc.stderr or b"")[-3000:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            return {"error": f"no result after {args.timeout:.0f} s", "stderr_tail": tail}
         if proc.returncode != 0 or not out.exists():
             return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
         return json.loads(out.read_text())
@@ -278,6 +294,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per backend")
     parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

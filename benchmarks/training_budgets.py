@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from typing import Any
 
 import torch
 import yaml
-from throughput import PRESETS
+from throughput import PRESETS, free_port
 from train_cpu import prepare
 
 from midtrain.training.metrics import read_metrics
@@ -109,12 +108,6 @@ def child(spec_path: str) -> None:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     train(load_run_spec(spec_path))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SAVED = re.compile(r"saved \S+ \(([\d.]+) GB in ([\d.]+) s")

@@ -6,9 +6,13 @@ silenced unless ``MIDTRAIN_VERBOSE=1``.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging
 import os
+import re
 import warnings
+from pathlib import Path
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -61,8 +65,29 @@ def setup_process(accelerator: str | None = None) -> None:
 
 
 def _cuda_available() -> bool:
-    # Cheap check without importing torch: a CUDA device node or an explicit visible-devices list.
+    # Cheap check without importing torch (nor starting CUDA in a process that may fork): a CUDA
+    # build of torch, and a CUDA device node or an explicit visible-devices list.
+    if not _torch_built_with_cuda():
+        return False  # e.g. the CPU wheel `make` installs, on a machine that has a GPU
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return visible.strip() not in ("", "-1")
-    return os.path.exists("/dev/nvidiactl")
+    return os.path.exists("/dev/nvidiactl") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _torch_built_with_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, from its generated ``torch/version.py``."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        return names_a_cuda_version(version_file.read_text(encoding="utf-8"))
+    except OSError:
+        return False
+
+
+def names_a_cuda_version(version_py: str) -> bool:
+    """``torch/version.py``'s text sets ``cuda`` to a version (a CUDA build), not ``None``."""
+    found = re.search(r"^cuda\b[^=]*=\s*(.+)$", version_py, re.MULTILINE)
+    return found is not None and found.group(1).strip() != "None"

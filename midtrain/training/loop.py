@@ -88,7 +88,11 @@ def train(spec: RunSpec) -> Outcome:
     if spec.train.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # Warn-only: an op with no deterministic kernel must not stop a run. On CUDA that leaves
+        # flash/memory-efficient attention's backward non-deterministic (see performance.md).
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also NaN-fills every new empty tensor; nothing here reads one.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     seed_everything(spec.train.seed)
 
     # Rank 0 re-hashes every file of the start checkpoint; the others then check only sizes.
