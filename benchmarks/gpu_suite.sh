@@ -7,7 +7,9 @@
 #               (transformer_engine and flash_attn included: they change the megatron figures)
 #   tests       pytest -m gpu over the GPU test files            -> pytest.log, pytest.xml
 #   throughput  benchmarks/throughput.py, 1B model, micro-batch 4 and 8 -> throughput-mb*.json
+#               (or one of them: throughput-mb4, throughput-mb8)
 #   budgets     benchmarks/training_budgets.py for both backends -> budgets-*.json
+#               (or one of them: budgets-deepspeed, budgets-megatron)
 #
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3). The GPU test files
 # import neither Ray nor Slurm, so a machine with the trainer's packages but no Ray can run them.
@@ -19,9 +21,9 @@ shift
 stages=${*:-env tests throughput budgets}
 for s in $stages; do  # every name checked before anything runs
     case $s in
-    env | tests | throughput | budgets) ;;
+    env | tests | throughput | throughput-mb[48] | budgets | budgets-deepspeed | budgets-megatron) ;;
     *)
-        echo "unknown stage: $s (env, tests, throughput, budgets)" >&2
+        echo "unknown stage: $s (env, tests, throughput[-mb4|-mb8], budgets[-deepspeed|-megatron])" >&2
         exit 2
         ;;
     esac
@@ -86,13 +88,15 @@ for s in $stages; do
             tests/test_flops.py tests/test_checkpoints.py tests/test_megatron_gpu.py \
             tests/test_megatron_train_gpu.py tests/test_throughput_benchmark.py
         ;;
-    throughput)
+    throughput | throughput-mb[48])
         for mb in 4 8; do
+            [[ $s == throughput || $s == "throughput-mb$mb" ]] || continue
             json_stage "throughput-mb$mb" "$PYTHON" benchmarks/throughput.py --micro-batch "$mb"
         done
         ;;
-    budgets)
+    budgets | budgets-deepspeed | budgets-megatron)
         for backend in deepspeed megatron; do
+            [[ $s == budgets || $s == "budgets-$backend" ]] || continue
             json_stage "budgets-$backend" "$PYTHON" benchmarks/training_budgets.py \
                 --backend "$backend"
         done
