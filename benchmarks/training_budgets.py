@@ -51,6 +51,7 @@ import yaml
 from throughput import PRESETS, free_port
 from train_cpu import prepare
 
+from midtrain.training.checkpointing import events_path
 from midtrain.training.metrics import read_metrics
 
 BACKENDS = ("deepspeed", "megatron")
@@ -110,6 +111,7 @@ def child(spec_path: str) -> None:
     dist.destroy_process_group()
 
 
+# The checkpoint store's line for each committed save (midtrain/checkpoints/store.py).
 SAVED = re.compile(r"saved \S+ \(([\d.]+) GB in ([\d.]+) s")
 
 
@@ -148,8 +150,6 @@ def run(spec_path: Path, warmup: int, timeout: float) -> dict[str, Any]:
 
 
 def events_text(run_dir: Path) -> str:
-    from midtrain.training.checkpointing import events_path
-
     path = events_path(run_dir)
     return path.read_text() if path.exists() else ""
 
