@@ -192,13 +192,15 @@ def test_deepspeed_agrees_and_resumes_a_megatron_checkpoint(
         assert b["loss"] == pytest.approx(a["loss"], abs=2e-3)
 
 
-def test_deepspeed_bf16_resume_is_exact_on_gpu(
-    tmp_path: Path, prepared_corpora: dict[str, Path], hf_dir: Path
+@pytest.mark.parametrize("backend", ["deepspeed", "megatron"])
+def test_bf16_resume_is_exact_on_gpu(
+    tmp_path: Path, prepared_corpora: dict[str, Path], hf_dir: Path, backend: str
 ) -> None:
-    # The DeepSpeed backend's CUDA path (bf16, ZeRO-1, fused AdamW, SDPA, NCCL) with deterministic
-    # kernels: stopping at step 4 and resuming repeats the uninterrupted run's steps exactly.
+    # The bf16 CUDA paths with deterministic kernels: DeepSpeed (ZeRO-1, fused AdamW, SDPA, NCCL)
+    # and megatron (bf16 parameters, fp32 master shards in the distributed optimizer). Stopping
+    # at step 4 and resuming repeats the uninterrupted run's steps exactly.
     spec = spec_file(
-        tmp_path, prepared_corpora, hf_dir, "ds_bf16", backend="deepspeed", precision="bf16"
+        tmp_path, prepared_corpora, hf_dir, f"{backend}_bf16", backend=backend, precision="bf16"
     )
     records = run(spec)
     assert records[-1]["loss"] < records[0]["loss"]
