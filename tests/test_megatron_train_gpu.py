@@ -1,7 +1,7 @@
 """The trainer on a GPU (one rank, NCCL). The megatron backend: continued
 pretraining from a Hugging Face directory, exact resume, agreement with the DeepSpeed backend on
-the same weights and batches, and a megatron checkpoint resumed by the DeepSpeed backend. The
-DeepSpeed backend's CUDA path (bf16, fused AdamW): exact resume. Two workers on one GPU are not
+the same weights and batches, and a megatron checkpoint resumed by the DeepSpeed backend. Both
+backends in bf16 (DeepSpeed: fused AdamW): exact resume. Two workers on one GPU are not
 possible under NCCL (one rank per device): the 2-worker runs (data, tensor and pipeline parallel)
 run where there are 2 GPUs.
 
