@@ -23,7 +23,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from midtrain.checkpoints import list_checkpoints, load_checkpoint
+from midtrain.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from midtrain.data_mixing.mixture import MixtureConfig
 from midtrain.data_mixing.plan import plan_mixture
 from midtrain.training.metrics import read_metrics
@@ -133,6 +133,19 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"{run_dir} did not reach step {step}")
 
 
+def wait_for_checkpoint(
+    run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120
+) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = latest_checkpoint(run_dir)
+        if latest is not None and int(latest.name.removeprefix("step_")) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.02)
+    raise AssertionError(f"{run_dir}: no checkpoint of step {step} or later was committed")
+
+
 def exact_view(run_dir: Path) -> list[dict[str, Any]]:
     return [{k: r[k] for k in EXACT_KEYS} for r in read_metrics(run_dir)]
 
@@ -198,7 +211,10 @@ def test_sigkill_then_resume_is_bit_exact(
     spec = run_spec(tmp_path, prepared_corpora, "killed")
     run_dir = tmp_path / "killed"
     proc = midtrain(ray_address, "train", str(spec))
+    # Past the step-8 checkpoint, and that checkpoint committed (saves are asynchronous: on a busy
+    # machine the write may still be going on a step later; the step-12 save waits for it).
     wait_for_step(run_dir, INTERVAL * 2 + 1, proc)
+    wait_for_checkpoint(run_dir, INTERVAL * 2, proc)
     # The whole machine goes down at once: the driver and the training workers (Ray actors,
     # outside the driver's process group) are killed together, nothing gets to clean up.
     workers = [int(p.read_text()) for p in (run_dir / "control").glob("worker-*.pid")]
