@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import transformers
 
 from midtrain.checkpoints import Checkpoint
@@ -69,3 +70,21 @@ def build_backend(spec: RunSpec, start: StartPoint, rank: int, world: int) -> Ba
     from midtrain.training.engine import DeepSpeedBackend
 
     return DeepSpeedBackend(spec, start, rank, world)
+
+
+def reduce_source_totals(
+    losses: torch.Tensor | None, source_ids: torch.Tensor, num_sources: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collective: (loss sum, sequence count) per source over the whole global batch, as CPU
+    float64, from this rank's per-sequence ``losses`` (None: a rank that contributes none, such as
+    an earlier pipeline stage). One all-reduce of one tensor on ``device`` (NCCL reduces GPU
+    tensors only), one copy back to the host."""
+    totals = torch.zeros(2 * num_sources, dtype=torch.float64, device=device)
+    if losses is not None:
+        losses = losses.detach().to(device, torch.float64)
+        ids = source_ids.to(device)
+        totals[:num_sources].index_add_(0, ids, losses)
+        totals[num_sources:].index_add_(0, ids, torch.ones_like(losses))
+    dist.all_reduce(totals)
+    totals = totals.cpu()
+    return totals[:num_sources], totals[num_sources:]

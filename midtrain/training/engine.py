@@ -14,7 +14,6 @@ from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (
     safe_get_full_fp32_param,
@@ -27,6 +26,7 @@ from midtrain.checkpoints import Checkpoint
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError
+from midtrain.training.backend import reduce_source_totals
 from midtrain.training.checkpointing import StartPoint
 from midtrain.training.model import apply_model_options, parameter_groups, sequence_losses
 from midtrain.training.state_tensors import (
@@ -221,20 +221,15 @@ class DeepSpeedBackend:
 
     def train_step(self, batch: Batch, num_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
         engine = self.engine
-        loss_sum = torch.zeros(num_sources, dtype=torch.float64)
-        count = torch.zeros(num_sources, dtype=torch.float64)
-        for i in range(0, batch.tokens.size(0), self.micro_batch_size):
-            tokens = batch.tokens[i : i + self.micro_batch_size].to(engine.device)
-            source_ids = batch.source_ids[i : i + self.micro_batch_size]
-            per_seq = sequence_losses(engine, tokens)
-            engine.backward(per_seq.mean())  # DeepSpeed scales by 1/accumulation steps
+        per_sequence = []  # kept on the device: no host sync between micro-batches
+        for tokens in batch.tokens.split(self.micro_batch_size):
+            losses = sequence_losses(engine, tokens.to(engine.device))
+            engine.backward(losses.mean())  # DeepSpeed scales by 1/accumulation steps
             engine.step()  # steps the optimizer at the accumulation boundary only
-            loss_sum.index_add_(0, source_ids, per_seq.detach().double().cpu())
-            count.index_add_(0, source_ids, torch.ones_like(source_ids, dtype=torch.float64))
-        totals = torch.cat([loss_sum, count]).to(engine.device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-        return totals[:num_sources], totals[num_sources:]
+            per_sequence.append(losses.detach())
+        return reduce_source_totals(
+            torch.cat(per_sequence), batch.source_ids, num_sources, engine.device
+        )
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

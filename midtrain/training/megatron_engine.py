@@ -45,6 +45,7 @@ from midtrain.checkpoints.megatron_convert import LayerSpec
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError, ConfigError
+from midtrain.training.backend import reduce_source_totals
 from midtrain.training.checkpointing import StartPoint
 from midtrain.training.megatron_model import (
     build_gpt_model,
@@ -202,15 +203,9 @@ class MegatronBackend:
         self._steps += int(updated)
         self._grad_norm = None if grad_norm is None else float(grad_norm)
 
-        totals = torch.zeros(2 * num_sources, dtype=torch.float64, device=self.device)
-        if per_sequence and self.conv.tp_rank == 0:  # one copy of each replica's losses
-            losses = torch.cat(per_sequence).double()
-            ids = batch.source_ids.to(self.device)
-            totals[:num_sources].index_add_(0, ids, losses)
-            totals[num_sources:].index_add_(0, ids, torch.ones_like(losses))
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-        return totals[:num_sources], totals[num_sources:]
+        # One copy of each replica's losses: its last stage's tensor-parallel rank 0.
+        losses = torch.cat(per_sequence) if per_sequence and self.conv.tp_rank == 0 else None
+        return reduce_source_totals(losses, batch.source_ids, num_sources, self.device)
 
     def grad_norm(self) -> float | None:
         return self._grad_norm
