@@ -143,14 +143,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_single_gpu_process_group() -> None:
+def init_single_process_group() -> None:
+    """World size 1 in this process: NCCL on GPU 0, gloo where there is no GPU."""
     import torch.distributed as dist
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", rank=0, world_size=1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
 
 
 # --- the three backends ---------------------------------------------------------------------------
@@ -187,7 +189,7 @@ def trainer_step(spec: Any) -> Any:
     from midtrain.training.backend import build_backend
     from midtrain.training.checkpointing import StartPoint
 
-    init_single_gpu_process_group()
+    init_single_process_group()
     # A new model of the preset's shape, initialised as a run from model.config is.
     start = StartPoint("config", "benchmark", hf_config(spec), tokenizer_dir=None, seed=1)
     backend = build_backend(spec, start, rank=0, world=1)

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -48,6 +49,18 @@ def prepare(root: Path) -> dict[str, str]:
     return out
 
 
+def sample_mixture(data: dict[str, str], seq_length: int) -> dict[str, Any]:
+    """The run spec's mixture of the two sample corpora that ``prepare`` made, half each."""
+    return {
+        "seq_length": seq_length,
+        "seed": 1,
+        "sources": [
+            {"name": "legal", "kind": "customer", "path": [data["legal"]], "weight": 0.5},
+            {"name": "general", "kind": "curated", "path": [data["general"]], "weight": 0.5},
+        ],
+    }
+
+
 def write_spec(root: Path, data: dict[str, str], steps: int, workers: int) -> Path:
     threads = max(1, (os.cpu_count() or 2) // workers)
     spec = {
@@ -62,14 +75,7 @@ def write_spec(root: Path, data: dict[str, str], steps: int, workers: int) -> Pa
                 "ffn_hidden_size": 344,
             },
         },
-        "mixture": {
-            "seq_length": 128,
-            "seed": 1,
-            "sources": [
-                {"name": "legal", "kind": "customer", "path": [data["legal"]], "weight": 0.5},
-                {"name": "general", "kind": "curated", "path": [data["general"]], "weight": 0.5},
-            ],
-        },
+        "mixture": sample_mixture(data, seq_length=128),
         "optimizer": {"lr": 1e-3},
         "schedule": {"kind": "constant"},
         "train": {

@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 import yaml
-from throughput import PRESETS, free_port
-from train_cpu import prepare
+from throughput import PRESETS, free_port, init_single_process_group
+from train_cpu import prepare, sample_mixture
 
 from midtrain.training.checkpointing import events_path
 from midtrain.training.metrics import read_metrics
@@ -68,14 +68,7 @@ def write_spec(root: Path, data: dict[str, str], args: argparse.Namespace, inter
             "config": PRESETS[args.preset],
             "compile": cuda and args.compile and args.backend == "deepspeed",
         },
-        "mixture": {
-            "seq_length": args.seq_length,
-            "seed": 1,
-            "sources": [
-                {"name": "legal", "kind": "customer", "path": [data["legal"]], "weight": 0.5},
-                {"name": "general", "kind": "curated", "path": [data["general"]], "weight": 0.5},
-            ],
-        },
+        "mixture": sample_mixture(data, args.seq_length),
         "optimizer": {"lr": 3e-4},
         "schedule": {"kind": "constant"},
         "train": {
@@ -103,10 +96,7 @@ def child(spec_path: str) -> None:
     from midtrain.training.loop import train
 
     setup_process()
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(0)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    init_single_process_group()
     train(load_run_spec(spec_path))
     dist.destroy_process_group()
 
