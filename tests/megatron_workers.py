@@ -234,6 +234,7 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
     _start(rank, world, port, "gloo")
     from megatron.core import parallel_state
 
+    from midtrain.checkpoints.host_buffers import HostBuffers
     from midtrain.training.megatron_model import build_gpt_model, load_mcore_weights
     from midtrain.training.megatron_shard import RankConversion, gather_model_state
 
@@ -256,7 +257,9 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
             torch.equal(conv.rank_piece(n, {p: weights[p] for p in conv.hf_sources(n)}), param)
             for n, param in params
         )
-        gathered = gather_model_state(conv, params, data_rank=0, device=torch.device("cpu"))
+        buffers = HostBuffers()
+        gathered = gather_model_state(conv, params, 0, torch.device("cpu"), buffers.copy)
+        buffers.finish()
         found = {"stage_layers": list(conv.stage.layers), "pieces_rebuild": rebuilt}
         if rank == 0:
             assert gathered is not None

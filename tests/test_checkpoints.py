@@ -42,6 +42,7 @@ from midtrain.checkpoints import (
     to_json,
     verify_checkpoint,
 )
+from midtrain.checkpoints.host_buffers import HostBuffers
 from midtrain.errors import CheckpointError
 from midtrain.fileio import sha256_file
 
@@ -322,6 +323,67 @@ def test_at_most_one_save_in_flight(tmp_path: Path) -> None:
     assert [i.step for i in list_checkpoints(tmp_path / "run", verify=True) if i.complete] == [1, 2]
 
 
+def test_host_buffers_are_reused_and_pruned() -> None:
+    buffers = HostBuffers()
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.bfloat16)
+    first = {"a": buffers.copy("a", a), "b": buffers.copy("b", b.t())}
+    buffers.finish()
+    assert torch.equal(first["a"], a) and torch.equal(first["b"], b)
+    a.add_(1)  # training changes the original: the copy does not move
+    assert torch.equal(first["a"], torch.arange(6.0).reshape(2, 3))
+    with pytest.raises(ValueError, match="a: copied twice"):
+        buffers.copy("a", a), buffers.copy("a", a)
+    buffers.finish()
+    again = buffers.copy("a", a)  # the same memory, refilled
+    buffers.finish()  # "b" was not part of this save: freed
+    assert again.data_ptr() == first["a"].data_ptr() and torch.equal(again, a)
+    assert buffers.nbytes == a.numel() * a.element_size()
+    wider = buffers.copy("a", torch.zeros(3, 3))  # another shape: a new buffer
+    buffers.finish()
+    assert wider.shape == (3, 3) and wider.data_ptr() != first["a"].data_ptr()
+
+
+def test_host_buffers_wait_for_the_save_that_reads_them(tmp_path: Path) -> None:
+    # The trainer copies into the saver's buffers and saves with snapshot=False; the next save's
+    # copies must not start while the previous write still reads the same buffers.
+    model = tiny_llama()
+    release, refilled = threading.Event(), threading.Event()
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        buffers = saver.host_buffers()
+        state = {k: buffers.copy(k, v) for k, v in model.state_dict().items()}
+        buffers.finish()
+        expected = {k: v.clone() for k, v in state.items()}
+        meta = CheckpointMeta(step=1, tokens=1)
+        saver.save(
+            meta,
+            model_state=state,
+            config=model.config,
+            blocking=False,
+            snapshot=False,
+            progress=lambda _n: release.wait(),
+        )
+
+        def next_save() -> None:
+            again = saver.host_buffers()
+            for k, v in model.state_dict().items():
+                again.copy(k, v + 1)
+            again.finish()
+            refilled.set()
+
+        t = threading.Thread(target=next_save)
+        t.start()
+        try:
+            held_back = not refilled.wait(0.3)  # while step 1 is being written
+        finally:
+            release.set()
+            t.join()
+        assert held_back
+        assert refilled.is_set()
+        assert torch.equal(state["model.norm.weight"], expected["model.norm.weight"] + 1)
+    saved = load_checkpoint(tmp_path / "run").model_state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+
+
 # --- retention ----------------------------------------------------------------------------------
 
 
@@ -551,3 +613,15 @@ def test_cuda_tensors_save_blocking_and_async(tmp_path: Path) -> None:
     for step in (1, 2):
         sd = load_checkpoint(tmp_path / f"run/checkpoints/step_{step:08d}").model_state_dict()
         assert all(torch.equal(sd[k], v) for k, v in expected.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_buffers_copy_from_the_gpu_into_pinned_memory() -> None:
+    source = {f"t{i}": torch.randn(256, 256, device="cuda") for i in range(8)}
+    buffers = HostBuffers()
+    copies = {k: buffers.copy(k, v) for k, v in source.items()}
+    buffers.finish()  # the copies are asynchronous until here
+    for k, v in source.items():
+        v.mul_(2)
+        assert copies[k].is_pinned() and torch.equal(copies[k] * 2, v.cpu())

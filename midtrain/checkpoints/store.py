@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from midtrain import console
 from midtrain.checkpoints import state as state_json
+from midtrain.checkpoints.host_buffers import HostBuffers
 from midtrain.checkpoints.layout import (
     CHECKPOINTS_DIR,
     CONFIG,
@@ -51,7 +51,7 @@ from midtrain.checkpoints.layout import (
 from midtrain.checkpoints.manifest import FileEntry, Manifest, now_iso
 from midtrain.checkpoints.retention import apply_retention, remove_leftovers
 from midtrain.checkpoints.staging import StagingDir, commit
-from midtrain.checkpoints.tensorfile import ProgressFn, byte_array, read_json, split_shards
+from midtrain.checkpoints.tensorfile import ProgressFn, read_json, split_shards
 from midtrain.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -151,7 +151,7 @@ class CheckpointSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last: Path | None = None
-        self._snapshots = _SnapshotBuffers()
+        self._snapshots = HostBuffers()
 
     @property
     def is_committer(self) -> bool:
@@ -179,8 +179,9 @@ class CheckpointSaver:
         owns; all ranks or none) and ``rank_state`` (JSON data of its own, e.g. its RNG state).
         ``blocking=False`` copies the tensors to CPU memory, returns, and writes in the background;
         a previous background save is waited for first and its error, if any, is raised here.
-        ``snapshot=False`` skips that copy: for a caller that hands over fresh tensors it will not
-        change (the trainer's gathered CPU copies), so that they are copied once, not twice.
+        ``snapshot=False`` skips that copy: for a caller that hands over tensors it will not
+        change until the save has finished (the trainer's copies in ``host_buffers()``), so that
+        they are copied once, not twice.
         """
         self.wait()
         job = self._job(
@@ -195,8 +196,9 @@ class CheckpointSaver:
             self._run(job)
         else:
             if snapshot:
-                job.model_state = self._snapshots.copy("model", job.model_state)
-                job.optimizer_state = self._snapshots.copy("optimizer", job.optimizer_state)
+                job.model_state = self._snapshot("model", job.model_state)
+                job.optimizer_state = self._snapshot("optimizer", job.optimizer_state)
+                self._snapshots.finish()
             self._thread = threading.Thread(
                 target=self._run_in_background, args=(job,), name="midtrain-checkpoint-save"
             )
@@ -212,6 +214,20 @@ class CheckpointSaver:
             error, self._error = self._error, None
             raise error
         return self._last
+
+    def host_buffers(self) -> HostBuffers:
+        """The saver's reusable host memory, for a caller that copies its tensors out itself
+        and then saves with ``snapshot=False`` (the trainer gathers sharded state one tensor at a
+        time). Waits for the save in flight first: it is still reading them."""
+        self.wait()
+        return self._snapshots
+
+    def _snapshot(
+        self, group: str, tensors: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor] | None:
+        if tensors is None:
+            return None
+        return {name: self._snapshots.copy(f"{group}:{name}", t) for name, t in tensors.items()}
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error) and free the snapshot buffers."""
@@ -412,50 +428,6 @@ def _optimizer_index(staging: Path, shards: list[str], world_size: int) -> dict[
                     )
                 weight_map[key] = rel.split("/", 1)[1]
     return {"world_size": world_size, "weight_map": dict(sorted(weight_map.items()))}
-
-
-class _SnapshotBuffers:
-    """CPU copies of tensors for a background save, so that training may change the originals
-    meanwhile. The buffers are kept and reused by the next save (after it has waited for this
-    one): copying into memory already mapped is several times faster than allocating anew, and
-    that copy is all the time an asynchronous save blocks training. Pinned when the source is on
-    a GPU, for fast device-to-host copies."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def copy(
-        self, group: str, tensors: Mapping[str, torch.Tensor] | None
-    ) -> dict[str, torch.Tensor] | None:
-        if tensors is None:
-            return None
-        out: dict[str, torch.Tensor] = {}
-        on_gpu = False
-        for name, t in tensors.items():
-            key = f"{group}:{name}"
-            buf = self._buffers.get(key)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
-                self._buffers[key] = buf
-            if t.device.type == "cpu" and t.is_contiguous():
-                # A plain memcpy on this thread: torch's multi-threaded copy stalls badly when
-                # other processes compete for the cores, and blocks training for longer.
-                np.copyto(byte_array(buf), byte_array(t))
-            else:
-                buf.copy_(t.detach(), non_blocking=t.is_cuda)
-            on_gpu |= t.is_cuda
-            out[name] = buf
-        if on_gpu:
-            torch.cuda.synchronize()
-        stale = [
-            k for k in self._buffers if k.startswith(f"{group}:") and k[len(group) + 1 :] not in out
-        ]
-        for key in stale:
-            del self._buffers[key]
-        return out
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 def _config_dict(config: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import transformers
 
 from midtrain.checkpoints import Checkpoint
+from midtrain.checkpoints.host_buffers import HostCopy
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
 from midtrain.training.checkpointing import StartPoint
@@ -45,13 +46,15 @@ class Backend(Protocol):
         """The global gradient norm of the last step, before clipping."""
         ...
 
-    def full_model_state(self) -> dict[str, torch.Tensor] | None:
-        """A collective: the full HF-named weights as CPU copies on rank 0, None elsewhere."""
+    def full_model_state(self, copy: HostCopy) -> dict[str, torch.Tensor] | None:
+        """A collective: the full HF-named weights on rank 0, None elsewhere. Each tensor goes
+        to the host through ``copy(hf_name, tensor)`` (the checkpoint's reused host buffers)."""
         ...
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """A collective: the full per-parameter optimizer tensors (CPU copies) that this rank
-        saves; every parameter is saved by exactly one rank. Empty before the first step."""
+    def optimizer_state(self, copy: HostCopy) -> dict[str, torch.Tensor]:
+        """A collective: the full per-parameter optimizer tensors that this rank saves, each
+        through ``copy("<hf_name>/<state>", tensor)``; every parameter is saved by exactly one
+        rank. Empty before the first step."""
         ...
 
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:

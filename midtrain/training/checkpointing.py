@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,9 @@ from midtrain.data_mixing.stats import load_stats
 from midtrain.data_mixing.tokenizer import load_tokenizer, tokenizer_fingerprint
 from midtrain.errors import CheckpointError, ConfigError
 from midtrain.training.model import build_model, check_same_shape, llama_config, load_hf_config
+
+if TYPE_CHECKING:  # backend.py imports this module
+    from midtrain.training.backend import Backend
 
 
 @dataclass
@@ -205,15 +208,20 @@ class RunCheckpointer:
         self,
         *,
         step: int,
-        hf_config: transformers.PretrainedConfig,
-        model_state: dict[str, torch.Tensor] | None,
-        optimizer_tensors: dict[str, torch.Tensor],
+        backend: Backend,
         trainer_state: dict[str, Any],
         lr: float,
         phase: str,
         loss: float | None,
         blocking: bool,
     ) -> None:
+        """Copy the model and this rank's share of the optimizer state into the saver's host
+        buffers (a collective), then write them, in the background unless ``blocking``. Training
+        may go on once this returns: nothing written later reads the training tensors."""
+        buffers = self.saver.host_buffers()  # waits for the previous save: it reads them
+        model_state = backend.full_model_state(buffers.copy)
+        optimizer_state = backend.optimizer_state(buffers.copy)  # this rank's share
+        buffers.finish()
         keep_every = self.spec.checkpoint.keep_every
         meta = CheckpointMeta(
             step=step,
@@ -227,12 +235,12 @@ class RunCheckpointer:
         self.saver.save(
             meta,
             model_state=model_state,
-            config=hf_config if self.rank == 0 else None,
+            config=backend.hf_config if self.rank == 0 else None,
             trainer_state=trainer_state,
             run_spec=self.spec.to_yaml(),
-            optimizer_state=optimizer_tensors,  # this rank's share (the backend deals them)
+            optimizer_state=optimizer_state,
             blocking=blocking,
-            snapshot=False,  # the gathered tensors are fresh CPU copies that nothing changes
+            snapshot=False,  # already copied, into buffers nothing changes before the write ends
         )
 
     def close(self) -> None:

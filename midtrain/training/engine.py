@@ -23,6 +23,7 @@ from deepspeed.utils import (
 )
 
 from midtrain.checkpoints import Checkpoint
+from midtrain.checkpoints.host_buffers import HostCopy
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
 from midtrain.errors import CheckpointError
@@ -34,7 +35,6 @@ from midtrain.training.state_tensors import (
     STATE_KEYS,
     check_optimizer_keys,
     dealt,
-    host_copy,
 )
 
 
@@ -114,10 +114,11 @@ def _link_fragments(engine: deepspeed.DeepSpeedEngine) -> None:
 
 
 def gather_optimizer_state(
-    engine: deepspeed.DeepSpeedEngine, keep: Callable[[str], bool]
+    engine: deepspeed.DeepSpeedEngine, keep: Callable[[str], bool], copy: HostCopy
 ) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights and Adam moments of the parameters ``keep`` selects, as CPU
-    copies. A collective under ZeRO: every rank gathers every parameter, and keeps its own."""
+    """Full fp32 master weights and Adam moments of the parameters ``keep`` selects, as host
+    copies made by ``copy``. A collective under ZeRO: every rank gathers every parameter, and
+    keeps its own."""
     out: dict[str, torch.Tensor] = {}
     if optimizer_step_count(engine) == 0:
         return out
@@ -133,9 +134,9 @@ def gather_optimizer_state(
             master = param.float()
             moments = {key: inner.state[param][key] for key in ADAM_STATES}
         if keep(name):
-            out[f"{name}/master"] = host_copy(master)
+            out[f"{name}/master"] = copy(f"{name}/master", master)
             for key, value in moments.items():
-                out[f"{name}/{key}"] = host_copy(value)
+                out[f"{name}/{key}"] = copy(f"{name}/{key}", value)
     return out
 
 
@@ -187,17 +188,23 @@ def load_optimizer_state(engine: deepspeed.DeepSpeedEngine, ckpt: Checkpoint, st
 
 
 def full_model_state(
-    engine: deepspeed.DeepSpeedEngine, rank: int
+    engine: deepspeed.DeepSpeedEngine, rank: int, copy: HostCopy
 ) -> dict[str, torch.Tensor] | None:
-    """The model's full weights by HF name on rank 0 (a collective under ZeRO-3), else None."""
+    """The model's full weights by HF name, as host copies made by ``copy``, on rank 0 (a
+    collective under ZeRO-3), else None."""
     module = engine.module
     params = [p for p in module.parameters() if hasattr(p, "ds_id")]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         if rank != 0:
             return None
-        state = {k: host_copy(v) for k, v in module.state_dict().items()}
-    if getattr(module.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # saved once, as Hugging Face does
+        state = module.state_dict()
+        if getattr(module.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # saved once, as Hugging Face does
+        state = {k: copy(k, v) for k, v in state.items()}
+        if params and torch.cuda.is_available():
+            # ZeRO-3 frees the gathered weights on leaving this block: the (asynchronous)
+            # copies out of them must be done by then.
+            torch.cuda.synchronize()
     return state
 
 
@@ -235,11 +242,11 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def full_model_state(self) -> dict[str, torch.Tensor] | None:
-        return full_model_state(self.engine, self.rank)
+    def full_model_state(self, copy: HostCopy) -> dict[str, torch.Tensor] | None:
+        return full_model_state(self.engine, self.rank, copy)
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        return gather_optimizer_state(self.engine, keep=self._saved_here.__contains__)
+    def optimizer_state(self, copy: HostCopy) -> dict[str, torch.Tensor]:
+        return gather_optimizer_state(self.engine, self._saved_here.__contains__, copy)
 
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:
         load_optimizer_state(self.engine, ckpt, step)

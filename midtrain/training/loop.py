@@ -146,9 +146,7 @@ def train(spec: RunSpec) -> Outcome:
             t_save = time.perf_counter()
             checkpointer.save(
                 step=progress.step,
-                hf_config=backend.hf_config,
-                model_state=backend.full_model_state(),
-                optimizer_tensors=backend.optimizer_state(),
+                backend=backend,
                 trainer_state={
                     **progress.state_dict(),
                     "sampler": sampler.state_dict(),

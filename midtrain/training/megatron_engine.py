@@ -41,6 +41,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from midtrain.checkpoints import Checkpoint
+from midtrain.checkpoints.host_buffers import HostCopy
 from midtrain.checkpoints.megatron_convert import LayerSpec
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import Batch
@@ -60,7 +61,6 @@ from midtrain.training.state_tensors import (
     STATE_KEYS,
     check_optimizer_keys,
     dealt,
-    host_copy,
 )
 
 
@@ -212,8 +212,8 @@ class MegatronBackend:
 
     # --- checkpoint state --------------------------------------------------------------------
 
-    def full_model_state(self) -> dict[str, torch.Tensor] | None:
-        return gather_model_state(self.conv, self._params, self.data_rank, self.device)
+    def full_model_state(self, copy: HostCopy) -> dict[str, torch.Tensor] | None:
+        return gather_model_state(self.conv, self._params, self.data_rank, self.device, copy)
 
     def _distributed_optimizers(self) -> list[DistributedOptimizer]:
         opts = (
@@ -241,7 +241,7 @@ class MegatronBackend:
     def optimizer_step_count(self) -> int:
         return self._steps
 
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
+    def optimizer_state(self, copy: HostCopy) -> dict[str, torch.Tensor]:
         """Per parameter: every data-parallel rank writes its shard of master weights and moments
         into a zero tensor and the group sums them; the tensor-parallel pieces are joined; the
         owning rank keeps the HF-named results."""
@@ -263,7 +263,7 @@ class MegatronBackend:
                 full = self.conv.join(name, row.view(param.shape))
                 if name in self._saved_here:
                     for hf_name, tensor in self.conv.to_hf(name, full).items():
-                        out[f"{hf_name}/{key}"] = host_copy(tensor)
+                        out[f"{hf_name}/{key}"] = copy(f"{hf_name}/{key}", tensor)
         return out
 
     def load_optimizer_state(self, ckpt: Checkpoint, step: int) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from midtrain.checkpoints.host_buffers import HostCopy
 from midtrain.checkpoints.megatron_convert import (
     GPTShape,
     LayerSpec,
@@ -29,7 +30,6 @@ from midtrain.checkpoints.megatron_convert import (
     shard_tensor_parallel,
     unshard_tensor_parallel,
 )
-from midtrain.training.state_tensors import host_copy
 
 
 @dataclass
@@ -137,17 +137,18 @@ def gather_model_state(
     params: list[tuple[str, torch.Tensor]],
     data_rank: int,
     device: torch.device,
+    copy: HostCopy,
 ) -> dict[str, torch.Tensor] | None:
-    """A collective: the whole model's HF-named weights as CPU copies on global rank 0, None
-    elsewhere. Each stage's first data-parallel replica joins its tensor-parallel pieces; the
-    first rank of each later stage sends its HF tensors to rank 0 (a list of names, shapes and
-    dtypes, then the tensors in that order)."""
+    """A collective: the whole model's HF-named weights as host copies (made by ``copy``) on
+    global rank 0, None elsewhere. Each stage's first data-parallel replica joins its
+    tensor-parallel pieces; the first rank of each later stage sends its HF tensors to rank 0 (a
+    list of names, shapes and dtypes, then the tensors in that order)."""
     state: dict[str, torch.Tensor] = {}
     if data_rank == 0:  # weights are the same on every data-parallel replica
         for name, param in params:
             full = conv.join(name, param.detach())
             if conv.tp_rank == 0:
-                state.update({k: host_copy(v) for k, v in conv.to_hf(name, full).items()})
+                state.update({k: copy(k, v) for k, v in conv.to_hf(name, full).items()})
     rank = dist.get_rank()
     if conv.stage.first and conv.stage.last:
         return state if rank == 0 else None
@@ -159,7 +160,7 @@ def gather_model_state(
             for name, shape, dtype in header[0]:
                 buffer = torch.empty(shape, dtype=dtype, device=device)
                 dist.recv(buffer, src=src)
-                state[name] = host_copy(buffer)
+                state[name] = copy(name, buffer)
         return state
     if data_rank == 0 and conv.tp_rank == 0:
         header = [[(k, tuple(v.shape), v.dtype) for k, v in state.items()]]

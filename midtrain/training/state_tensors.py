@@ -1,4 +1,4 @@
-"""What both backends put in a checkpoint's optimizer state, and how they copy it out.
+"""What both backends put in a checkpoint's optimizer state.
 
 Optimizer state is saved per parameter under its Hugging Face name: ``<name>/master`` (fp32
 master weights) and the AdamW moments ``<name>/exp_avg``, ``<name>/exp_avg_sq``.
@@ -8,18 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import torch
-
 from midtrain.checkpoints import Checkpoint
 from midtrain.errors import CheckpointError
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 STATE_KEYS = ("master", *ADAM_STATES)
-
-
-def host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy nobody else holds: one copy whether the tensor is on a GPU or already on CPU."""
-    return tensor.detach().to("cpu", copy=True)
 
 
 def dealt(names: Sequence[str], ranks: int, index: int) -> set[str]:
