@@ -625,3 +625,9 @@ def test_host_buffers_copy_from_the_gpu_into_pinned_memory() -> None:
     for k, v in source.items():
         v.mul_(2)
         assert copies[k].is_pinned() and torch.equal(copies[k] * 2, v.cpu())
+    buffers.copy("t0", source["t0"])
+    buffers.finish()  # the others were not part of this save: unpinned and freed
+    assert copies["t0"].is_pinned() and not copies["t1"].is_pinned()
+    assert buffers.nbytes == 256 * 256 * 4
+    buffers.clear()
+    assert not copies["t0"].is_pinned()

@@ -11,6 +11,7 @@ rank's share of the state, held for the whole run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ HostCopy = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class HostBuffers:
-    """Named CPU buffers (pinned when the source is on a GPU), refilled by every save.
+    """Named CPU buffers (page-locked when the source is on a GPU), refilled by every save.
 
     One save: ``copy`` each tensor under a name, then ``finish``. The caller must not start the
     next save's copies before the previous save has finished reading the buffers
@@ -31,6 +32,7 @@ class HostBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._registered: set[str] = set()  # page-locked for the GPU
         self._used: set[str] = set()
         self._device_copies = False
 
@@ -41,8 +43,7 @@ class HostBuffers:
             raise ValueError(f"{name}: copied twice into the same save's buffers")
         buf = self._buffers.get(name)
         if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-            buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-            self._buffers[name] = buf
+            buf = self._allocate(name, tensor)
         if tensor.device.type == "cpu" and tensor.is_contiguous():
             # A plain memcpy on this thread: torch's multi-threaded copy stalls badly when other
             # processes compete for the cores, and blocks training for longer.
@@ -58,15 +59,46 @@ class HostBuffers:
         if self._device_copies:
             torch.cuda.synchronize()
         for name in set(self._buffers) - self._used:
-            del self._buffers[name]
+            self._free(name)
         self._used.clear()
         self._device_copies = False
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(_size(b) for b in self._buffers.values())
 
     def clear(self) -> None:
-        self._buffers.clear()
+        if self._device_copies:
+            torch.cuda.synchronize()
+        for name in list(self._buffers):
+            self._free(name)
         self._used.clear()
         self._device_copies = False
+
+    def _allocate(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        self._free(name)
+        buf = torch.empty(like.shape, dtype=like.dtype)
+        if like.is_cuda and buf.numel():
+            # Page-locked in place (cudaHostRegister), not from torch's pinned-memory cache: that
+            # rounds each block up to a power of two and keeps freed blocks for itself.
+            _check_cuda(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), _size(buf), 0))
+            self._registered.add(name)
+        self._buffers[name] = buf
+        return buf
+
+    def _free(self, name: str) -> None:
+        buf = self._buffers.pop(name, None)
+        if name in self._registered:
+            self._registered.discard(name)
+            assert buf is not None
+            _check_cuda(torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()))
+
+
+def _size(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _check_cuda(status: Any) -> None:  # a cudaError enum from torch.cuda.cudart()
+    code = int(status)
+    if code != 0:
+        raise RuntimeError(f"page-locking checkpoint buffers failed: CUDA error {code}")

@@ -219,9 +219,11 @@ class RunCheckpointer:
         buffers (a collective), then write them, in the background unless ``blocking``. Training
         may go on once this returns: nothing written later reads the training tensors."""
         buffers = self.saver.host_buffers()  # waits for the previous save: it reads them
-        model_state = backend.full_model_state(buffers.copy)
-        optimizer_state = backend.optimizer_state(buffers.copy)  # this rank's share
-        buffers.finish()
+        try:
+            model_state = backend.full_model_state(buffers.copy)
+            optimizer_state = backend.optimizer_state(buffers.copy)  # this rank's share
+        finally:
+            buffers.finish()
         keep_every = self.spec.checkpoint.keep_every
         meta = CheckpointMeta(
             step=step,

@@ -141,30 +141,43 @@ def gather_model_state(
 ) -> dict[str, torch.Tensor] | None:
     """A collective: the whole model's HF-named weights as host copies (made by ``copy``) on
     global rank 0, None elsewhere. Each stage's first data-parallel replica joins its
-    tensor-parallel pieces; the first rank of each later stage sends its HF tensors to rank 0 (a
-    list of names, shapes and dtypes, then the tensors in that order)."""
+    tensor-parallel pieces, one parameter at a time; the first rank of each later stage sends
+    them to rank 0 as it goes, straight from the GPU (a list of names, shapes and dtypes, then
+    the tensors; an empty list ends the stage), so no rank holds a second copy of its stage."""
+    rank = dist.get_rank()
     state: dict[str, torch.Tensor] = {}
+    one_stage = conv.stage.first and conv.stage.last
+    sends = not one_stage and rank != 0 and data_rank == 0 and conv.tp_rank == 0
     if data_rank == 0:  # weights are the same on every data-parallel replica
         for name, param in params:
             full = conv.join(name, param.detach())
-            if conv.tp_rank == 0:
-                state.update({k: copy(k, v) for k, v in conv.to_hf(name, full).items()})
-    rank = dist.get_rank()
-    if conv.stage.first and conv.stage.last:
+            if conv.tp_rank != 0:
+                continue
+            hf = conv.to_hf(name, full)
+            if sends:
+                _send_tensors(hf, device)
+            else:
+                state.update({k: copy(k, v) for k, v in hf.items()})
+    if sends:
+        _send_tensors({}, device)
+    if one_stage or rank != 0:
         return state if rank == 0 else None
     stage_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-    if rank == 0:
-        for src in stage_ranks[1:]:
+    for src in stage_ranks[1:]:
+        while True:
             header: list[Any] = [None]
             dist.recv_object_list(header, src=src, device=device)
+            if not header[0]:
+                break
             for name, shape, dtype in header[0]:
                 buffer = torch.empty(shape, dtype=dtype, device=device)
                 dist.recv(buffer, src=src)
                 state[name] = copy(name, buffer)
-        return state
-    if data_rank == 0 and conv.tp_rank == 0:
-        header = [[(k, tuple(v.shape), v.dtype) for k, v in state.items()]]
-        dist.send_object_list(header, dst=0, device=device)
-        for tensor in state.values():
-            dist.send(tensor.to(device), dst=0)
-    return None
+    return state
+
+
+def _send_tensors(tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    header = [[(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]]
+    dist.send_object_list(header, dst=0, device=device)
+    for tensor in tensors.values():
+        dist.send(tensor.to(device).contiguous(), dst=0)
