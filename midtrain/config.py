@@ -124,8 +124,11 @@ class TrainConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
+    # Saved every 1000 steps by default (OLMo-core's default; torchtitan's is 500): a run that a
+    # crash or a lost node restarts must not fall back to its start. null: only at the end (and
+    # when preempted).
     interval: int | None = Field(
-        default=None, gt=0, description="save every N steps (and at the end)"
+        default=1000, gt=0, description="save every N steps (and at the end); null: end only"
     )
     keep_last: int = Field(default=3, gt=0)
     keep_every: int | None = Field(default=None, gt=0, description="mark every Nth step `keep`")

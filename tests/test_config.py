@@ -65,6 +65,14 @@ def test_overrides_are_typed(spec_file: Path) -> None:
     assert spec.train.max_steps == 30 and spec.workers == 1
 
 
+def test_checkpoints_are_periodic_by_default(tmp_path: Path) -> None:
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(MIXTURE))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in SPEC.items() if k != "checkpoint"}))
+    assert load_run_spec(path).checkpoint.interval == 1000
+    assert load_run_spec(path, ["checkpoint.interval=null"]).checkpoint.interval is None
+
+
 def test_resolved_yaml_round_trips(spec_file: Path) -> None:
     spec = load_run_spec(spec_file)
     again = run_spec_from_yaml(spec.to_yaml(), "saved")
