@@ -4,6 +4,7 @@ stdout, figures that agree with each other."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -42,10 +43,22 @@ def test_budgets_from_two_real_runs(tmp_path: Path) -> None:
     assert report["goals"]["data_loading_below_1pct"] == (share < 1)
     shares = report["checkpoint_pct_of_run_by_interval"]
     assert list(shares) == ["5", "500", "1000"]
+    # A save whose write outlasts the steps after it (5 to the next save, 2 from step 10 to the
+    # end): the verdict would be the short run's, so there is none, and the interval to rerun
+    # with is longer than every write.
+    overlapped = max(every["save_write_s"][:-1]) > 2 * report["step_time_s"]
+    assert report["writes_outlast_interval"] == overlapped
+    if overlapped:
+        needed = report["interval_needed"]
+        assert needed > 5 and needed * report["step_time_s"] > max(every["save_write_s"][:-1])
+        assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] is None
+    else:
+        assert report["interval_needed"] is None
     if report["checkpoint_cost_per_save_s"] > 0:
         # Saving less often costs a smaller share of the run (the same cost per save).
         assert shares["5"] >= shares["500"] >= shares["1000"] >= 0
-        assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] == (shares["1000"] < 2)
+        if not overlapped:
+            assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] == (shares["1000"] < 2)
     else:  # within the noise of two runs: no figure and no verdict
         assert set(shares.values()) == {None}
         assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] is None
@@ -61,3 +74,41 @@ def test_refuses_an_interval_outside_the_run() -> None:
     )
     assert proc.returncode == 2 and "--interval" in proc.stderr
     assert proc.stdout == ""
+
+
+def _run_figures(after_warmup_s: float, saves: int, writes: list[float]) -> dict[str, float]:
+    return {
+        "after_warmup_s": after_warmup_s,
+        "median_step_s": 0.1,
+        "steady_data_s": 0.01,
+        "steady_steps_s": 10.0,
+        "checkpoint_s": 0.5,
+        "saves": saves,
+        "save_gb": 17.0,
+        "save_write_s": writes,
+    }
+
+
+@pytest.mark.parametrize(("write_s", "verdict"), [(1.5, True), (25.0, None)])
+def test_a_write_longer_than_the_interval_gets_no_verdict(
+    write_s: float, verdict: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # it imports its sibling throughput.py
+    spec = importlib.util.spec_from_file_location("training_budgets", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    budgets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budgets)
+    args = budgets.parse(["--steps", "450", "--interval", "200", "--preset", "tiny"])
+    # Two intermediate saves, each 1 s of loop time; 200 steps of 0.1 s = 20 s between saves.
+    every = _run_figures(52.0, 3, [write_s, write_s, 20.0])
+    report = budgets.report(args, every, _run_figures(50.0, 1, [20.0]))
+    assert report["checkpoint_cost_per_save_s"] == pytest.approx(1.0)
+    assert report["checkpoint_pct_of_run_by_interval"]["1000"] == pytest.approx(
+        100 * 1.0 / (1000 * 0.1 + 1.0), abs=1e-3
+    )
+    assert report["writes_outlast_interval"] == (verdict is None)
+    assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] is verdict
+    if verdict is None:  # 1.5 x the longest write, in steps of 0.1 s
+        assert report["interval_needed"] == 375
+    else:
+        assert report["interval_needed"] is None
