@@ -10,6 +10,7 @@ rank's share of the state, held for the whole run.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ class HostBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
-        self._registered: set[str] = set()  # page-locked for the GPU
+        self._locked: dict[str, weakref.finalize] = {}  # page-locked for the GPU: unlocks
         self._used: set[str] = set()
         self._device_copies = False
 
@@ -82,16 +83,23 @@ class HostBuffers:
             # Page-locked in place (cudaHostRegister), not from torch's pinned-memory cache: that
             # rounds each block up to a power of two and keeps freed blocks for itself.
             _check_cuda(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), _size(buf), 0))
-            self._registered.add(name)
+            # Unlocked when freed here, or when the tensor dies if this object is dropped
+            # without clear(): locked pages left behind would make a later register fail.
+            unlock = weakref.finalize(buf, _unlock, buf.data_ptr())
+            unlock.atexit = False  # the process's exit frees its locked pages anyway
+            self._locked[name] = unlock
         self._buffers[name] = buf
         return buf
 
     def _free(self, name: str) -> None:
-        buf = self._buffers.pop(name, None)
-        if name in self._registered:
-            self._registered.discard(name)
-            assert buf is not None
-            _check_cuda(torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()))
+        self._buffers.pop(name, None)
+        unlock = self._locked.pop(name, None)
+        if unlock is not None:
+            unlock()  # runs once: the finalizer is spent
+
+
+def _unlock(data_ptr: int) -> None:
+    _check_cuda(torch.cuda.cudart().cudaHostUnregister(data_ptr))
 
 
 def _size(t: torch.Tensor) -> int:

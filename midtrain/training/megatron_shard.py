@@ -153,9 +153,10 @@ def gather_model_state(
             full = conv.join(name, param.detach())
             if conv.tp_rank != 0:
                 continue
-            hf = conv.to_hf(name, full)
+            hf = conv.to_hf(name, full)  # {} for a tied output layer: saved as the embedding
             if sends:
-                _send_tensors(hf, device)
+                if hf:  # an empty list ends the stage
+                    _send_tensors(hf, device)
             else:
                 state.update({k: copy(k, v) for k, v in hf.items()})
     if sends:
@@ -181,3 +182,7 @@ def _send_tensors(tensors: Mapping[str, torch.Tensor], device: torch.device) -> 
     dist.send_object_list(header, dst=0, device=device)
     for tensor in tensors.values():
         dist.send(tensor.to(device).contiguous(), dst=0)
+    if device.type == "cuda":
+        # NCCL sends do not block the host: without this wait a stage would run ahead and keep
+        # every joined tensor alive on its GPU until rank 0 gets round to receiving them.
+        torch.cuda.current_stream(device).synchronize()
