@@ -45,12 +45,12 @@ def test_budgets_from_two_real_runs(tmp_path: Path) -> None:
     assert list(shares) == ["5", "500", "1000"]
     # A save whose write outlasts the steps after it (5 to the next save, 2 from step 10 to the
     # end): the verdict would be the short run's, so there is none, and the interval to rerun
-    # with is longer than every write.
+    # with (as --interval N --steps 2N) outlasts every write.
     overlapped = max(every["save_write_s"][:-1]) > 2 * report["step_time_s"]
     assert report["writes_outlast_interval"] == overlapped
     if overlapped:
         needed = report["interval_needed"]
-        assert needed > 5 and needed * report["step_time_s"] > max(every["save_write_s"][:-1])
+        assert needed * report["step_time_s"] > max(every["save_write_s"][:-1])
         assert report["goals"]["checkpoint_below_2pct_at_1000_steps"] is None
     else:
         assert report["interval_needed"] is None
