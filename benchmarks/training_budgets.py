@@ -22,16 +22,15 @@ once saving only at the end. Both end with the same blocking final save.
   slowdown of the steps the background write causes. The final save itself is in both runs and
   cancels out. The share of a run is projected from that cost and the median step time, for
   saving every ``--interval``, 500 and 1000 steps (the trainer's default ``checkpoint.interval``).
-  Goal: < 2% of the run at 1000 steps. A cost within noise
-  (<= 0) is reported as such, with no verdict.
+  Goal: < 2% of the run at 1000 steps. A cost within noise (<= 0) is reported as such, with no
+  verdict.
 
 Each save's size and write speed are read from the run's ``control/events.log``. Choose
 ``--interval`` (and the steps after the last one before the end) so that they take longer than
 one save's write (see ``save_write_s``), or each save mostly waits for the previous one: then
 ``writes_outlast_interval`` is true, the verdict is null, and ``interval_needed`` says what to
-rerun with. On a GPU the run is bf16 with
-``torch.compile`` (DeepSpeed; ``--no-compile`` to turn it off); on CPU fp32 without compile, for
-checking the code path with ``--preset tiny``.
+rerun with. On a GPU the run is bf16 with ``torch.compile`` (DeepSpeed; ``--no-compile`` to turn
+it off); on CPU fp32 without compile, for checking the code path with ``--preset tiny``.
 """
 
 from __future__ import annotations

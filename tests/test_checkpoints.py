@@ -91,7 +91,23 @@ def save(saver: CheckpointSaver, model: torch.nn.Module, step: int, **kw) -> Pat
         keep=kw.pop("keep", False),
     )
     kw.setdefault("trainer_state", {"step": step, "sampler": {"epoch": 0, "offset": step}})
-    return saver.save(meta, model_state=model.state_dict(), config=model.config, **kw)
+    kw.setdefault("model_state", model.state_dict())
+    return saver.save(meta, config=model.config, **kw)
+
+
+def save_held_back(
+    saver: CheckpointSaver, model: torch.nn.Module, state: dict, release: threading.Event
+) -> None:
+    """Start writing ``state`` as handed over (no snapshot), the writer held until ``release``."""
+    save(
+        saver,
+        model,
+        1,
+        model_state=state,
+        blocking=False,
+        snapshot=False,
+        progress=lambda _n: release.wait(),
+    )
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -262,15 +278,7 @@ def test_async_save_without_snapshot_writes_the_handed_over_tensors(tmp_path: Pa
     handed = {k: v.clone() for k, v in model.state_dict().items()}
     release = threading.Event()
     with CheckpointSaver(tmp_path / "run", log=None) as saver:
-        meta = CheckpointMeta(step=1, tokens=1)
-        saver.save(
-            meta,
-            model_state=handed,
-            config=model.config,
-            blocking=False,
-            snapshot=False,
-            progress=lambda _n: release.wait(),
-        )
+        save_held_back(saver, model, handed, release)
         with torch.no_grad():
             handed["model.norm.weight"].fill_(7.0)  # before the writer reached it: no copy taken
         release.set()
@@ -353,15 +361,7 @@ def test_host_buffers_wait_for_the_save_that_reads_them(tmp_path: Path) -> None:
         state = {k: buffers.copy(k, v) for k, v in model.state_dict().items()}
         buffers.finish()
         expected = {k: v.clone() for k, v in state.items()}
-        meta = CheckpointMeta(step=1, tokens=1)
-        saver.save(
-            meta,
-            model_state=state,
-            config=model.config,
-            blocking=False,
-            snapshot=False,
-            progress=lambda _n: release.wait(),
-        )
+        save_held_back(saver, model, state, release)
 
         def next_save() -> None:
             again = saver.host_buffers()

@@ -69,12 +69,8 @@ class HostBuffers:
         return sum(_size(b) for b in self._buffers.values())
 
     def clear(self) -> None:
-        if self._device_copies:
-            torch.cuda.synchronize()
-        for name in list(self._buffers):
-            self._free(name)
         self._used.clear()
-        self._device_copies = False
+        self.finish()  # with no buffer in use, every one is freed
 
     def _allocate(self, name: str, like: torch.Tensor) -> torch.Tensor:
         self._free(name)
