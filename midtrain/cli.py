@@ -6,7 +6,6 @@ Heavy libraries (torch, ray, deepspeed, datasets) are imported inside the comman
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import click
 
 from midtrain import __version__
+from midtrain.console import json_text
 from midtrain.errors import MidtrainError
 from midtrain.runtime_env import setup_process, verbose
 
@@ -152,7 +152,7 @@ def mix_plan(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     else:
         plan = plan_mixture(load_mixture(spec, list(overrides)))
     if as_json:
-        click.echo(json.dumps(plan.to_json(), indent=2))
+        click.echo(json_text(plan.to_json()))
     else:
         plan.print()
 
@@ -175,7 +175,7 @@ def ckpt_list(path: str, as_json: bool, verify: bool) -> None:
 
     infos = list_checkpoints(path, verify=verify)
     if as_json:
-        click.echo(json.dumps(to_json(infos), indent=2))
+        click.echo(json_text(to_json(infos)))
     else:
         print_table(infos)
 
@@ -451,7 +451,7 @@ def eval_tasks(
     results = run_tasks(
         ckpt, tasks_dir, list(tasks), out, device=device, batch_size=batch_size, limit=limit
     )
-    click.echo(json.dumps(results, indent=2, default=str))
+    click.echo(json_text(results))
 
 
 # --- clusters -----------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -61,6 +63,22 @@ def fmt(value: Any) -> str:
             return f"{value:.3e}"
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def json_text(obj: Any) -> str:
+    """``--json`` output: strict JSON, so NaN and infinity (a diverged loss) become null; other
+    tools' parsers reject Python's ``NaN``. Values JSON has no type for are printed as strings."""
+    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def short_count(n: float) -> str:

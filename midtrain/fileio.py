@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import hashlib
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +91,51 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+class LockHeldError(OSError):
+    """Another process holds the lock; the message says who (pid and host) and since when."""
+
+
+class ExclusiveLock:
+    """An advisory ``flock`` on ``path``, held until ``release()`` or the process ends (a crash,
+    a SIGKILL too: the kernel drops it). The holder's pid, host and start time are written into
+    the file so that the error of whoever waits in vain names them. Where the file system
+    cannot lock (Lustre mounted without ``flock``, say), ``locked`` is False and nothing is held.
+    """
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 0.0, poll_s: float = 0.2) -> None:
+        self.path = Path(path)
+        self.locked = False
+        self._file = open(self.path, "a+")  # noqa: SIM115 - closed in release()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._file.seek(0)
+                    holder = self._file.read().strip() or "unknown"
+                    self._file.close()
+                    raise LockHeldError(
+                        errno.EWOULDBLOCK, f"{self.path}: locked by another process ({holder})"
+                    ) from None
+                time.sleep(poll_s)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    self._file.close()
+                    raise
+                return  # no locking on this file system: go on without
+        self.locked = True
+        self._file.truncate(0)
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Drop the lock (closing the file does); safe to call twice."""
+        self._file.close()
+        self.locked = False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

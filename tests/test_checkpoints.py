@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -206,7 +207,7 @@ def test_saving_a_step_again_replaces_it_whole(
         save(saver, first, 2)
         save(saver, second, 2)
     ckpts = tmp_path / "run/checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [".saver.lock", "latest", "step_00000002"]
     state = load_checkpoint(tmp_path / "run", verify=True).model_state_dict()
     assert set(state) == set(second.state_dict())
     assert all(torch.equal(state[k], v) for k, v in second.state_dict().items())
@@ -300,7 +301,7 @@ def test_background_error_surfaces_and_leaves_nothing(tmp_path: Path) -> None:
         saver.wait()
     saver.wait()  # reported once, then cleared
     names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
-    assert names == ["latest", "step_00000001"]
+    assert names == [".saver.lock", "latest", "step_00000001"]
     assert resolve_checkpoint(tmp_path / "run").name == "step_00000001"
     save(saver, model, 2, blocking=False, progress=broken)
     with pytest.raises(RuntimeError, match="disk went away"):  # also raised by the next save
@@ -429,6 +430,19 @@ def test_retention_with_async_saves_spares_latest_and_inflight(tmp_path: Path) -
     assert [(i.step, i.complete, i.latest) for i in infos] == [(4, True, True)]
 
 
+def test_retention_never_lets_a_damaged_checkpoint_cost_an_intact_one(tmp_path: Path) -> None:
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "run", keep_last=None, log=None) as saver:
+        for step in (10, 20, 30):
+            save(saver, model, step)
+    newest = tmp_path / "run/checkpoints/step_00000030/model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:50])  # damaged: it must not count as one of the newest
+    assert [p.name for p in prune(tmp_path / "run", keep_last=1)] == ["step_00000010"]
+    infos = list_checkpoints(tmp_path / "run")
+    assert [(i.step, i.status) for i in infos] == [(20, "complete"), (30, "damaged")]
+    assert load_checkpoint(tmp_path / "run/checkpoints/step_00000020").step == 20
+
+
 # --- catalog ------------------------------------------------------------------------------------
 
 
@@ -483,6 +497,69 @@ def test_resolve_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
         resolve_checkpoint(ckpts)
     with pytest.raises(CheckpointError, match="no such"):
         resolve_checkpoint(tmp_path / "nope")
+
+
+def test_a_staging_directory_is_never_loaded_even_with_a_manifest(tmp_path: Path) -> None:
+    # A crash between writing the manifest and the rename leaves a staging dir that has one.
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        path = save(saver, tiny_llama(), 30)
+    staging = path.parent / ".staging-step_00000030"
+    shutil.copytree(path, staging)
+    with pytest.raises(CheckpointError, match="a staging directory, not a checkpoint"):
+        load_checkpoint(staging)
+    [problem] = verify_checkpoint(staging)
+    assert str(staging) in problem and "staging directory" in problem
+
+
+def test_manifest_step_must_match_its_directory(tmp_path: Path) -> None:
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        path = save(saver, tiny_llama(), 20)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "step": 99}))
+    with pytest.raises(CheckpointError, match="says step 99, but the directory is step_00000020"):
+        load_checkpoint(path)
+    assert "says step 99" in verify_checkpoint(path)[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"), [("x\u0000y", "not a plain relative path"), ("config.json/x", "missing")]
+)
+def test_odd_file_names_in_a_manifest_are_problems_not_tracebacks(
+    tmp_path: Path, name: str, problem: str
+) -> None:
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        path = save(saver, tiny_llama(), 20)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": "0" * 64, "size": 1}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    [found] = verify_checkpoint(path)
+    assert problem in found
+    [info] = list_checkpoints(tmp_path / "run")
+    assert info.status == "damaged" and problem in info.problems[0]
+
+
+def test_cli_json_is_strict_when_the_loss_diverged(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from midtrain.cli import cli
+
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        meta = CheckpointMeta(step=5, tokens=50, lr=float("inf"), phase="stable", loss=float("nan"))
+        saver.save(meta, model_state=model.state_dict(), config=model.config)
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    for args in (
+        ["list", str(tmp_path / "run"), "--json"],
+        ["show", str(tmp_path / "run"), "--json"],
+    ):
+        result = CliRunner().invoke(cli, ["ckpt", *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout, parse_constant=strict)
+        row = data[0] if isinstance(data, list) else data
+        assert (row["step"], row["loss"], row["lr"]) == (5, None, None)
 
 
 # --- Hugging Face import / export ---------------------------------------------------------------
@@ -570,6 +647,10 @@ def test_export_of_training_checkpoint_drops_midtrain_files(
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(model))
     with pytest.raises(CheckpointError, match="already exists"):
         export_hf(tmp_path / "run", out)
+    inside = resolve_checkpoint(tmp_path / "run") / "hf"
+    with pytest.raises(CheckpointError, match="inside the checkpoint"):
+        export_hf(tmp_path / "run", inside)
+    assert verify_checkpoint(tmp_path / "run") == []  # left intact
 
 
 def test_import_rejects_bad_models(tmp_path: Path) -> None:

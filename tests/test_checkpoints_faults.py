@@ -55,6 +55,12 @@ CHILD_PRELUDE = textwrap.dedent(
 )
 
 
+CONFIG_JSON = json.dumps(
+    {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+     "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 512}
+)  # fmt: skip
+
+
 def expected_state(seed: int, vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     names = {
@@ -143,6 +149,56 @@ def test_sigkill_during_async_save_keeps_previous(tmp_path: Path, where: str) ->
         config = {"model_type": "llama", "vocab_size": vocab}
         saver.save(CheckpointMeta(step=20), model_state=state, config=config)
     assert [(i.step, i.complete) for i in list_checkpoints(run, verify=True)] == [(20, True)]
+
+
+# --- two savers of one run ---------------------------------------------------------------------
+
+
+def test_a_second_saver_of_a_run_is_refused_until_the_first_is_gone(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = child(f"""
+    saver = CheckpointSaver({str(run)!r}, keep_last=1, log=None)
+    save(saver, 10)
+    print("SAVED", flush=True)
+    time.sleep(600)  # still training, so still saving
+    """)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "SAVED", proc.stderr.read() if proc.stderr else ""
+        with pytest.raises(CheckpointError, match="another process is saving") as err:
+            CheckpointSaver(run, lock_timeout_s=0.5, log=None)
+        assert f"pid {proc.pid}" in str(err.value)  # says who holds it
+        proc.send_signal(signal.SIGKILL)  # the kernel drops a dead holder's lock
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate()
+    with CheckpointSaver(run, keep_last=1, log=None) as saver:
+        meta = CheckpointMeta(step=20, tokens=200, lr=1e-3, phase="stable", loss=1.0)
+        saver.save(meta, model_state=expected_state(20, 512), config=json.loads(CONFIG_JSON))
+    assert resolve_checkpoint(run).name == "step_00000020"
+
+
+def test_a_file_gone_from_staging_is_never_committed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    config = json.loads(CONFIG_JSON)
+    with CheckpointSaver(run, keep_last=1, log=None) as saver:
+        meta = CheckpointMeta(step=10, tokens=100, lr=1e-3, phase="stable", loss=1.0)
+        saver.save(meta, model_state=expected_state(10, 512), config=config)
+        staging = run / "checkpoints/.staging-step_00000020"
+
+        def remove_weights(_n: int) -> None:
+            # config.json is written after the weights: take them away now, as a second writer
+            # into the same directory would.
+            if (staging / "config.json").exists():
+                (staging / "model.safetensors").unlink(missing_ok=True)
+
+        meta = CheckpointMeta(step=20, tokens=200, lr=1e-3, phase="stable", loss=1.0)
+        with pytest.raises(CheckpointError, match="not committed.*model.safetensors: missing"):
+            saver.save(
+                meta, model_state=expected_state(20, 512), config=config, progress=remove_weights
+            )
+    assert_previous_checkpoint_survives(run, 512)
 
 
 # --- corrupt or hostile files -------------------------------------------------------------------
@@ -286,7 +342,31 @@ def test_out_of_disk_space_is_a_clear_error(tmp_path: Path) -> None:
         assert "out of disk space or over the file size limit" in e
         assert ".staging-step_00000020/model.safetensors" in e
     assert_previous_checkpoint_survives(run, 2048)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000010"]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [".saver.lock", "latest", "step_00000010"]
+
+
+def test_out_of_space_while_rewriting_a_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = f"""
+    with CheckpointSaver({str(run)!r}, log=None) as saver:
+        path = save(saver, 10)
+    from midtrain.checkpoints import mark_keep
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, resource.RLIM_INFINITY))  # < a manifest
+    try:
+        mark_keep(path)
+    except Exception as exc:
+        print(f"{{type(exc).__name__}}: {{exc}}")
+    """
+    proc = child(script)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("CheckpointError: ") and "step_00000010/manifest.json" in line
+    assert "out of disk space or over the file size limit" in line
+    [info] = list_checkpoints(run, verify=True)
+    assert info.complete and not info.keep  # the old manifest, whole
 
 
 # --- pickle and remote code ---------------------------------------------------------------------

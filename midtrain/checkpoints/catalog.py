@@ -4,7 +4,6 @@ and phase, loss), whether it is complete and intact, and which retention keeps."
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +189,7 @@ def verify_checkpoint(path: str | os.PathLike[str]) -> list[str]:
     problems, one per bad file, each naming the file; empty when intact."""
     p = Path(path).expanduser()
     try:
-        ckpt_dir = p if is_step_dir(p) or is_staging_dir(p) else resolve_checkpoint(p)
+        ckpt_dir = p if is_step_dir(p) else resolve_checkpoint(p)
         manifest = read_manifest(ckpt_dir)
     except MidtrainError as exc:
         return [str(exc)]
@@ -227,7 +226,7 @@ def show_checkpoint(
     ``as_json``); returns the same data."""
     d = describe_checkpoint(path, verify=verify)
     if as_json:
-        console.stdout.print(json.dumps(d, indent=2), markup=False, highlight=False)
+        console.stdout.print(console.json_text(d), markup=False, highlight=False)
         return d
     fields = ["path", "step", "tokens", "lr", "phase", "loss", "parent", "created", "keep",
               "status", "format_version", "world_size"]  # fmt: skip

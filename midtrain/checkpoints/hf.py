@@ -16,6 +16,7 @@ from midtrain.checkpoints.layout import (
     CONFIG,
     FORMAT_VERSION,
     GENERATION_CONFIG,
+    MANIFEST,
     MODEL_FILE,
     MODEL_INDEX,
     OPTIMIZER_DIR,
@@ -58,11 +59,9 @@ def import_hf(
     Tensors keep their names and dtypes; names and shapes are checked against the architecture.
     The result is marked ``keep``, phase ``imported``, parent ``hf_dir``."""
     src = Path(hf_dir).expanduser().absolute()
-    dst = Path(out).expanduser().absolute()
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such directory")
-    if dst.exists():
-        raise CheckpointError(f"{dst}: already exists; choose a new directory")
+    dst = _new_output_dir(out)
     config = _read_hf_config(src / CONFIG)
     expected, tied = _expected_tensors(src / CONFIG, config)
     config["tie_word_embeddings"] = tied  # explicit, so loaders agree without class defaults
@@ -104,6 +103,20 @@ def import_hf(
     return dst
 
 
+def _new_output_dir(out: str | os.PathLike[str]) -> Path:
+    """``out`` as an absolute path that does not exist yet and is not inside a checkpoint (a file
+    added there would make that checkpoint fail its verification)."""
+    dst = Path(out).expanduser().absolute()
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists; choose a new directory")
+    for parent in dst.parents:
+        if (parent / MANIFEST).is_file():
+            raise CheckpointError(
+                f"{dst}: inside the checkpoint {parent}; choose a directory outside it"
+            )
+    return dst
+
+
 def export_hf(
     ckpt: str | os.PathLike[str], out: str | os.PathLike[str], *, progress: ProgressFn | None = None
 ) -> Path:
@@ -112,9 +125,7 @@ def export_hf(
     manifest's sha256 as it is copied; a mismatch aborts and leaves nothing at ``out``."""
     ckpt_dir = resolve_checkpoint(ckpt)
     manifest = read_manifest(ckpt_dir)
-    dst = Path(out).expanduser().absolute()
-    if dst.exists():
-        raise CheckpointError(f"{dst}: already exists; choose a new directory")
+    dst = _new_output_dir(out)
     names = [n for n in manifest.files if not n.startswith(_MIDTRAIN_ONLY)]
     if not any(n.startswith("tokenizer") for n in names):
         console.info(

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from midtrain.errors import CheckpointError
+from midtrain.errors import CheckpointError, checkpoint_write_error
 from midtrain.fileio import atomic_write_text
 
 FORMAT_VERSION = 1
@@ -35,6 +35,8 @@ TIED_WEIGHTS = {"lm_head.weight": "model.embed_tokens.weight"}
 
 STEP_PREFIX = "step_"
 STAGING_PREFIX = ".staging-"
+# Held (flock) by the one process that saves a run's checkpoints, for as long as it may save.
+SAVER_LOCK = ".saver.lock"
 TRASH_PREFIX = ".trash-"
 
 # Files a tokenizer directory may hold; only these are copied (never code, never weights).
@@ -109,7 +111,10 @@ def read_latest(checkpoints_dir: Path) -> Path | None:
 
 def write_latest(checkpoints_dir: Path, name: str) -> None:
     """Point ``latest`` at ``name`` atomically (write a temporary file, fsync, rename)."""
-    atomic_write_text(checkpoints_dir / LATEST, name + "\n")
+    try:
+        atomic_write_text(checkpoints_dir / LATEST, name + "\n")
+    except OSError as exc:
+        raise checkpoint_write_error(checkpoints_dir / LATEST, exc) from None
 
 
 def checkpoints_dir_of(path: Path) -> Path | None:
@@ -131,9 +136,12 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"{path}: no such checkpoint, run or checkpoints directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
+    if path.name.startswith(STAGING_PREFIX):
+        # A save in progress, or one that crashed (even after writing its manifest): never loaded.
+        raise CheckpointError(f"{path}: a staging directory, not a checkpoint; never loaded")
     if (path / MANIFEST).exists():
         return path
-    if path.name.startswith(STAGING_PREFIX) or is_step_dir(path):
+    if is_step_dir(path):
         raise CheckpointError(f"{path / MANIFEST}: missing; the checkpoint is incomplete")
     ckpts = checkpoints_dir_of(path)
     if ckpts is None:

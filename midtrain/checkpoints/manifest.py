@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from midtrain.checkpoints.layout import FORMAT_VERSION, MANIFEST
+from midtrain.checkpoints.layout import FORMAT_VERSION, MANIFEST, is_step_dir, parse_step
 from midtrain.config_io import format_validation_error
-from midtrain.errors import CheckpointError
+from midtrain.errors import CheckpointError, checkpoint_write_error
 from midtrain.fileio import atomic_write_json, sha256_file
 
 # Schedule phases the trainer reports; free text is allowed for schedules added later.
@@ -50,7 +50,13 @@ class Manifest(BaseModel):
         # A crafted manifest must not make us hash or read files outside the checkpoint.
         for name in files:
             p = PurePosixPath(name)
-            if p.is_absolute() or ".." in p.parts or name in ("", MANIFEST) or "\\" in name:
+            if (
+                p.is_absolute()
+                or ".." in p.parts
+                or name in ("", MANIFEST)
+                or "\\" in name
+                or any(ord(c) < 32 or ord(c) == 127 for c in name)
+            ):
                 raise ValueError(f"file name {name!r} is not a plain relative path")
         return files
 
@@ -84,13 +90,24 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
             f"{path}: unknown format_version {version!r} (this midtrain reads {FORMAT_VERSION})"
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise CheckpointError(format_validation_error(exc, str(path))) from None
+    named = parse_step(ckpt_dir.name) if is_step_dir(ckpt_dir) else None
+    if named is not None and named != manifest.step:
+        raise CheckpointError(
+            f"{path}: says step {manifest.step}, but the directory is {ckpt_dir.name} "
+            "(an edited manifest or a renamed directory)"
+        )
+    return manifest
 
 
 def write_manifest(ckpt_dir: Path, manifest: Manifest) -> None:
-    atomic_write_json(ckpt_dir / MANIFEST, manifest.model_dump(mode="json"))
+    path = ckpt_dir / MANIFEST
+    try:
+        atomic_write_json(path, manifest.model_dump(mode="json"))
+    except OSError as exc:
+        raise checkpoint_write_error(path, exc) from None
 
 
 def check_files(ckpt_dir: Path, manifest: Manifest, *, hash_files: bool = True) -> list[str]:
@@ -102,8 +119,11 @@ def check_files(ckpt_dir: Path, manifest: Manifest, *, hash_files: bool = True) 
         path = ckpt_dir / name
         try:
             st = path.stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             problems.append(f"{path}: missing")
+            continue
+        except OSError as exc:
+            problems.append(f"{path}: cannot read ({exc.strerror or exc})")
             continue
         if not path.is_file():
             problems.append(f"{path}: not a regular file")

@@ -1,5 +1,6 @@
 """Retention: keep the newest ``keep_last`` complete checkpoints, those marked ``keep``, and the one
-``latest`` names; delete the rest. Staging directories (saves in progress) are never touched."""
+``latest`` names; delete the rest. Staging directories (saves in progress) and damaged checkpoints
+(files missing or of the wrong size) are never touched, and never count as one of the newest."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from midtrain.checkpoints.layout import (
     read_latest,
     resolve_checkpoint,
 )
-from midtrain.checkpoints.manifest import read_manifest, write_manifest
+from midtrain.checkpoints.manifest import check_files, read_manifest, write_manifest
 from midtrain.checkpoints.staging import remove_tree
 from midtrain.errors import CheckpointError, MidtrainError
 
@@ -35,6 +36,8 @@ def prunable(checkpoints_dir: Path, keep_last: int) -> list[Path]:
             manifest = read_manifest(path)
         except MidtrainError:
             continue  # incomplete or unreadable: not ours to judge here; `ckpt list` shows it
+        if check_files(path, manifest, hash_files=False):
+            continue  # damaged: keeping it must not cost an intact one its place
         step = parse_step(path.name)
         assert step is not None
         complete.append((step, path, manifest.keep))

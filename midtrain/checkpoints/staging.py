@@ -16,7 +16,7 @@ from midtrain.checkpoints import tensorfile
 from midtrain.checkpoints.layout import TRASH_PREFIX
 from midtrain.checkpoints.manifest import FileEntry, Manifest, write_manifest
 from midtrain.checkpoints.tensorfile import ProgressFn
-from midtrain.errors import CheckpointError
+from midtrain.errors import CheckpointError, checkpoint_write_error
 from midtrain.fileio import exchange_paths, fsync_dir
 
 
@@ -35,7 +35,7 @@ class StagingDir:
         try:
             path.mkdir(parents=True)
         except OSError as exc:
-            raise tensorfile.io_error(path, exc) from None
+            raise checkpoint_write_error(path, exc) from None
         return cls(path, progress)
 
     def _target(self, name: str) -> Path:

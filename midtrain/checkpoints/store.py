@@ -37,6 +37,7 @@ from midtrain.checkpoints.layout import (
     OPTIMIZER_DIR,
     OPTIMIZER_INDEX,
     RUN_SPEC,
+    SAVER_LOCK,
     TIED_WEIGHTS,
     TOKENIZER_FILES,
     TRAINER_STATE,
@@ -48,11 +49,12 @@ from midtrain.checkpoints.layout import (
     step_dir_name,
     write_latest,
 )
-from midtrain.checkpoints.manifest import FileEntry, Manifest, now_iso
+from midtrain.checkpoints.manifest import FileEntry, Manifest, check_files, now_iso
 from midtrain.checkpoints.retention import apply_retention, remove_leftovers
 from midtrain.checkpoints.staging import StagingDir, commit
 from midtrain.checkpoints.tensorfile import ProgressFn, read_json, split_shards
 from midtrain.errors import CheckpointError
+from midtrain.fileio import ExclusiveLock, LockHeldError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -117,6 +119,11 @@ class CheckpointSaver:
     ``rank``/``world_size``: this process's data-parallel rank and the number of ranks; with
     ``world_size > 1`` pass ``barrier`` (e.g. ``torch.distributed.barrier``), called once per save
     on the calling thread. Rank 0 writes the model and commits. ``keep_last=None`` keeps everything.
+
+    Rank 0 holds ``checkpoints/.saver.lock`` from construction to ``close()``: a second saver of
+    the same run (the run started twice) would delete the first one's staging directory and
+    commit checkpoints with files missing. It waits up to ``lock_timeout_s`` for the holder to
+    go (a restarted worker whose predecessor is still exiting), then refuses.
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class CheckpointSaver:
         tokenizer_dir: str | Path | None = None,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         commit_timeout_s: float = 3600.0,
+        lock_timeout_s: float = 60.0,
         log: Callable[[str], None] | None = console.info,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -152,10 +160,20 @@ class CheckpointSaver:
         self._error: BaseException | None = None
         self._last: Path | None = None
         self._snapshots = HostBuffers()
+        self._lock = self._take_lock(lock_timeout_s) if self.is_committer else None
 
     @property
     def is_committer(self) -> bool:
         return self.rank == 0
+
+    def _take_lock(self, timeout_s: float) -> ExclusiveLock:
+        try:
+            return ExclusiveLock(self.checkpoints_dir / SAVER_LOCK, timeout_s=timeout_s)
+        except LockHeldError as exc:
+            raise CheckpointError(
+                f"{exc.strerror}: another process is saving this run's checkpoints (the same "
+                "run started twice?); stop it, or give this run another run_dir"
+            ) from None
 
     def save(
         self,
@@ -235,6 +253,8 @@ class CheckpointSaver:
             self.wait()
         finally:
             self._snapshots.clear()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CheckpointSaver:
         return self
@@ -242,8 +262,11 @@ class CheckpointSaver:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.close()
-        elif self._thread is not None:
-            self._thread.join()  # finish writing, but let the original exception propagate
+        else:
+            if self._thread is not None:
+                self._thread.join()  # finish writing, but let the original exception propagate
+            if self._lock is not None:
+                self._lock.release()
 
     # --- building a job (foreground: cheap, and errors in the arguments surface at once) ---------
 
@@ -356,6 +379,13 @@ class CheckpointSaver:
         )
         for marker in job.staging.glob(".done-rank*"):
             marker.unlink()
+        # Every rank said what it wrote; check that it is all still there before committing.
+        problems = check_files(job.staging, manifest, hash_files=False)
+        if problems:
+            raise CheckpointError(
+                f"{job.staging}: not committed, its files changed while they were written: "
+                + "; ".join(problems[:5])
+            )
         commit(job.staging, job.final, manifest, replace=True)
         write_latest(self.checkpoints_dir, job.final.name)  # moves last: the commit point of a run
         self._last = job.final

@@ -8,7 +8,6 @@ the manifest needs costs no second read of the file and no in-memory copy of the
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ import torch
 
 from midtrain.checkpoints.layout import MODEL_FILE, MODEL_INDEX, model_shard_name
 from midtrain.checkpoints.manifest import FileEntry
-from midtrain.errors import CheckpointError
+from midtrain.errors import CheckpointError, checkpoint_write_error
 
 ProgressFn = Callable[[int], None]
 """Called with the number of bytes just written (for progress bars and tests)."""
@@ -52,16 +51,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 
 
-def io_error(path: Path, exc: OSError) -> CheckpointError:
-    """A user-facing error for a failed write, saying plainly when the disk (or a limit) is full."""
-    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return CheckpointError(
-            f"{path}: out of disk space or over the file size limit ({exc.strerror}); "
-            "free space and save again"
-        )
-    return CheckpointError(f"{path}: cannot write ({exc.strerror or exc})")
-
-
 class HashingFile:
     """A new file written in order while its sha256 is computed on a second thread; fsynced on
     close. Buffers passed to ``write`` must stay unchanged until ``close`` returns."""
@@ -77,7 +66,7 @@ class HashingFile:
             self._file = open(path, "xb")  # noqa: SIM115 - closed in close()/__exit__
         except OSError as exc:
             self._pool.shutdown()
-            raise io_error(path, exc) from None
+            raise checkpoint_write_error(path, exc) from None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         # Single worker: updates run in submission order. Bound the queue so copied-in chunks
@@ -94,7 +83,7 @@ class HashingFile:
                 self._file.flush()
                 os.posix_fadvise(self._file.fileno(), self._size, n, os.POSIX_FADV_DONTNEED)
         except OSError as exc:
-            raise io_error(self.path, exc) from None
+            raise checkpoint_write_error(self.path, exc) from None
         self._size += n
         if self._progress is not None:
             self._progress(n)
@@ -104,7 +93,7 @@ class HashingFile:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
-            raise io_error(self.path, exc) from None
+            raise checkpoint_write_error(self.path, exc) from None
         finally:
             self._abort()
         return FileEntry(sha256=self._hash.hexdigest(), size=self._size)
