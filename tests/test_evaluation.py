@@ -528,3 +528,52 @@ def test_device_must_exist() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             pick_device("cuda")
+
+
+def test_baseline_is_the_checkpoint_a_run_branched_from(runs: dict, tmp_path: Path) -> None:
+    # init_from may name a run directory; its `latest` moves on after the branch, so the
+    # baseline comes from what the branch's checkpoints record (`parent`), not from the spec.
+    from midtrain.evaluation.evaluate import find_target, start_checkpoint_of
+
+    base_run = tmp_path / "base"
+    shutil.copytree(runs["base"].parent.parent, base_run)
+    branched_from = base_run / "checkpoints" / runs["base"].name
+    model = tiny_model(runs["vocab"])
+    spec = {"run_dir": str(tmp_path / "branch"), "init_from": {"checkpoint": str(base_run)}}
+    with CheckpointSaver(tmp_path / "branch", log=None) as saver:
+        meta = CheckpointMeta(step=5, tokens=5, lr=1e-3, phase="stable", parent=str(branched_from))
+        saver.save(
+            meta, model_state=model.state_dict(), config=model.config, run_spec=yaml.safe_dump(spec)
+        )
+    save(base_run, model, 7, runs["tok"])  # the base run goes on training
+    target = find_target(tmp_path / "branch", all_checkpoints=False)
+    assert start_checkpoint_of(target) == branched_from
+
+
+def test_report_of_a_diverged_model_shows_infinite_perplexity(tmp_path: Path) -> None:
+    from midtrain.evaluation.evaluate import Evaluation, RunEval
+    from midtrain.evaluation.heldout import EvalSet, HeldOutSource, SourceSpec
+    from midtrain.evaluation.perplexity import CheckpointScores, SourceScore
+
+    def held_out(name: str, kind: str) -> HeldOutSource:
+        return HeldOutSource(SourceSpec(name, kind, ("x",)), [np.zeros(3)], "fp", 1, 100, 300, "ab")
+
+    def scores(step: int, legal: float, general: float) -> CheckpointScores:
+        return CheckpointScores(
+            tmp_path / f"step_{step}",
+            step,
+            step * 10,
+            {
+                "legal": SourceScore("legal", "customer", 100, 300, legal * 100),
+                "general": SourceScore("general", "curated", 100, 300, general * 100),
+            },
+        )
+
+    eval_set = EvalSet(128, 100, [held_out("legal", "customer"), held_out("general", "curated")])
+    diverged = [scores(1, 4.0, 3.0), scores(2, 800.0, 900.0)]  # exp(800) is past float range
+    ev = Evaluation(eval_set, [RunEval("r", None, diverged, scores(0, 4.0, 3.0), [])])
+    md = write_report(ev, tmp_path / "report").read_text()
+    assert "inf" in md
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    last = report["runs"][0]["checkpoints"][-1]["sources"]["legal"]
+    assert last["loss"] == 800.0 and last["perplexity"] is None  # strict JSON: inf -> null

@@ -12,11 +12,10 @@ A source of no kind (``--data PREFIX``) gets only the change in loss. The perple
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from midtrain.evaluation.perplexity import SourceScore
+from midtrain.evaluation.perplexity import SourceScore, exp_or_inf
 
 METRIC_BY_KIND = {"customer": "domain gain", "curated": "forgetting"}
 
@@ -44,7 +43,7 @@ class SourceChange:
 
     @property
     def perplexity_change_pct(self) -> float:
-        return 100.0 * (math.exp(self.delta_loss) - 1.0)
+        return 100.0 * (exp_or_inf(self.delta_loss) - 1.0)
 
     def to_json(self) -> dict[str, Any]:
         return {

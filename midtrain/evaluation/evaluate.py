@@ -24,10 +24,11 @@ from midtrain.checkpoints import (
     resolve_checkpoint,
 )
 from midtrain.checkpoints.layout import CHECKPOINTS_DIR, MANIFEST, RUN_SPEC
+from midtrain.checkpoints.manifest import read_manifest
 from midtrain.config_io import validate
 from midtrain.data_mixing.mixture import MixtureConfig, load_mixture
 from midtrain.data_mixing.tokenizer import load_tokenizer
-from midtrain.errors import CheckpointError, ConfigError
+from midtrain.errors import CheckpointError, ConfigError, MidtrainError
 from midtrain.evaluation.compare import Comparison, compare
 from midtrain.evaluation.heldout import (
     DEFAULT_MAX_TOKENS,
@@ -147,13 +148,19 @@ def mixture_of(target: Target) -> MixtureConfig | None:
 
 
 def start_checkpoint_of(target: Target) -> Path | None:
-    """The checkpoint a run started from (``init_from.checkpoint``), when it is still there."""
+    """The checkpoint a run started from (``init_from``), when it is still there. Its checkpoints
+    record which one (``parent``): the spec may name a run directory, whose ``latest`` has moved
+    on since the branch."""
     found = run_spec_data(target)
     init = found[0].get("init_from") if found else None
     if not isinstance(init, dict) or not init.get("checkpoint"):
         return None
     try:
-        return resolve_checkpoint(init["checkpoint"])
+        parent = read_manifest(target.checkpoints[-1]).parent
+    except MidtrainError:
+        parent = None
+    try:
+        return resolve_checkpoint(parent or init["checkpoint"])
     except CheckpointError:
         return None  # deleted or moved since: the run is reported without a baseline
 

@@ -26,6 +26,15 @@ from midtrain.evaluation.heldout import EvalSet, SourceSpec, split_tokenizer
 DEFAULT_BATCH_SIZE = 8
 
 
+def exp_or_inf(x: float) -> float:
+    """``exp(x)``, infinite past float range: a diverged model's loss (over ~710 nats) must not
+    stop the report that shows it."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class SourceScore:
     name: str
@@ -41,7 +50,7 @@ class SourceScore:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return exp_or_inf(self.loss)
 
     @property
     def bits_per_byte(self) -> float:
