@@ -408,7 +408,7 @@ def test_branch_rewarms_and_draws_the_planned_proportions(
     assert records[rewarm]["lr"] == pytest.approx(2e-3)
     assert {r["phase"] for r in records[:rewarm]} == {"warmup"}
 
-    from midtrain.config import load_run_spec
+    from midtrain.config import load_run_spec, run_spec_from_yaml
 
     mixture: MixtureConfig = load_run_spec(spec).mixture
     plan = plan_mixture(mixture, total_sequences=steps * 8).to_json()
@@ -416,6 +416,23 @@ def test_branch_rewarms_and_draws_the_planned_proportions(
     assert drawn == {k: v["tokens"] for k, v in plan["stages"][0]["sources"].items()}
     manifest = load_checkpoint(run_dir).manifest
     assert manifest.parent == str(start.path)
+
+    # Resume the branch from its step-4 checkpoint, as a Slurm requeue does (the spec and
+    # --auto-resume): it goes on exactly as the uninterrupted branch did.
+    resumed = tmp_path / "branch_resumed"
+    shutil.copytree(run_dir, resumed)
+    for info in list_checkpoints(resumed):
+        if info.step > 4:
+            shutil.rmtree(info.path)
+    (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
+    run_ok(ray_address, "train", str(spec), f"run_dir={resumed}", "--auto-resume")
+    assert exact_view(resumed) == exact_view(run_dir)
+    assert_same_weights(resumed, run_dir)
+    saved = run_spec_from_yaml(
+        (load_checkpoint(resumed).path / "run_spec.yaml").read_text(), "saved"
+    )
+    assert saved.init_from == load_run_spec(spec).init_from and not saved.resume
+    assert load_checkpoint(resumed).manifest.parent == str(start.path)
 
 
 # --- bad input: clear errors from the driver, nothing overwritten (no Ray needed) ------------------

@@ -64,7 +64,11 @@ def prepare_run(
     resuming = bool(resume_dir) or spec.resume or (auto_resume and has_checkpoint)
     if resuming:
         latest, saved = _saved_spec(run_dir)
-        spec = spec.model_copy(update={"resume": True, "init_from": saved.init_from})
+        # A run keeps the start it was given. A branched run (init_from) stays one: the workers
+        # resume it from its own latest checkpoint all the same, and its spec, saved again with
+        # every checkpoint, must stay valid (init_from and resume: true cannot be combined).
+        branched = saved.init_from is not None
+        spec = spec.model_copy(update={"resume": not branched, "init_from": saved.init_from})
         _check_changes(saved, spec, latest, allow_changed_spec)
     elif has_checkpoint:
         raise ConfigError(
