@@ -93,19 +93,20 @@ def data_prepare(
     paragraphs: bool,
 ) -> None:
     """Tokenize a corpus into PREFIX.bin/.idx (+ a held-out split) and PREFIX.stats.json."""
+    from midtrain.config_io import validate
     from midtrain.data_mixing.prepare import PrepareConfig, prepare_corpus
 
-    cfg = PrepareConfig(
-        inputs=list(inputs),
-        tokenizer=tokenizer_dir,
-        output=output,
-        text_field=text_field,
-        num_proc=num_proc,
-        holdout_fraction=holdout_fraction,
-        strict=strict,
-        paragraphs=paragraphs,
-    )
-    prepare_corpus(cfg)
+    options = {
+        "inputs": list(inputs),
+        "tokenizer": tokenizer_dir,
+        "output": output,
+        "text_field": text_field,
+        "num_proc": num_proc,
+        "holdout_fraction": holdout_fraction,
+        "strict": strict,
+        "paragraphs": paragraphs,
+    }
+    prepare_corpus(validate(PrepareConfig, options, "data prepare"))
 
 
 @data.command("sample-corpora")
@@ -148,7 +149,8 @@ def mix_plan(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
         from midtrain.config import load_run_spec
 
         run = load_run_spec(spec, list(overrides))
-        plan = plan_mixture(run.mixture, total_sequences=run.total_sequences)
+        where = f"{spec}: mixture"  # an inline mixture has no file of its own to name
+        plan = plan_mixture(run.mixture, total_sequences=run.total_sequences, where=where)
     else:
         plan = plan_mixture(load_mixture(spec, list(overrides)))
     if as_json:

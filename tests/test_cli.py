@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from mixture_data import make_prefix
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from midtrain.checkpoints import CheckpointMeta, CheckpointSaver
 from midtrain.cli import cli
-from midtrain.errors import ConfigError
+from midtrain.errors import ConfigError, DataError
 
 SUBCOMMANDS = {
     "tokenizer": ["train"],
@@ -88,6 +90,77 @@ def test_mix_plan_json_on_stdout(tmp_path: Path, prepared_corpora: dict[str, Pat
     plan = json.loads(out)
     sources = plan["stages"][0]["sources"]
     assert sources["legal"]["tokens"] == 75 * 64 and sources["general"]["tokens"] == 25 * 64
+
+
+def test_mix_plan_of_a_run_spec_names_the_file(tmp_path: Path) -> None:
+    # 39 tokens at seq_length 20 yield one sequence per pass: 20 sequences are 20 epochs
+    make_prefix(tmp_path / "tiny", [list(range(1, 39)) + [0]])
+    make_prefix(tmp_path / "big", [list(range(1, 1000)) + [0]])
+    spec = tmp_path / "run.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "runs" / "x"),
+                "model": {
+                    "tokenizer": str(tmp_path / "tok"),
+                    "config": {
+                        "hidden_size": 32,
+                        "num_layers": 1,
+                        "num_heads": 2,
+                        "ffn_hidden_size": 64,
+                        "vocab_size": 300,
+                    },
+                },
+                "mixture": {
+                    "seq_length": 20,
+                    "sources": [
+                        {
+                            "name": "tiny",
+                            "kind": "customer",
+                            "path": str(tmp_path / "tiny"),
+                            "weight": 0.5,
+                            "max_epochs": 1,
+                        },
+                        {
+                            "name": "big",
+                            "kind": "curated",
+                            "path": str(tmp_path / "big"),
+                            "weight": 0.5,
+                        },
+                    ],
+                },
+                "optimizer": {"lr": 1e-3},
+                "train": {"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 10},
+            }
+        )
+    )
+    with pytest.raises(ConfigError) as err:
+        invoke("mix", "plan", str(spec))
+    assert str(err.value).startswith(f"{spec}: mixture: source 'tiny' would be drawn 20.000 epochs")
+    with pytest.raises(DataError, match=re.escape(f"{spec}: mixture: source 'tiny': ")):
+        invoke("mix", "plan", str(spec), f"mixture.sources.0.path={tmp_path / 'nowhere'}")
+
+
+def test_data_prepare_bad_options_and_outputs_are_one_line_errors(
+    tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello"}\n', encoding="utf-8")
+    base = ["data", "prepare", "--input", str(corpus), "--tokenizer", str(tiny_tokenizer)]
+    cases = [
+        (["--output", str(tmp_path / "c"), "--text-field", ""], "data prepare: text_field: "),
+        (["--output", str(corpus / "x")], f"{corpus} is a file, not a directory"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: nobody, root included, may create files in /proc
+        cases.append(
+            (["--output", "/proc/x"], "/proc/x: cannot create the directory /proc/.x.prepare-")
+        )
+    for extra, message in cases:
+        proc = midtrain_cli(*base, *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]  # nothing written
 
 
 @pytest.fixture

@@ -312,6 +312,39 @@ def test_epochs_count_the_samplers_passes_not_tokens_over_size(tmp_path: Path) -
     assert set(inputs[12].tolist()) <= set(first_pass)  # the 13th sequence: a second pass
 
 
+def test_whole_run_epochs_are_the_samplers_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 39 tokens at seq_length 20: one pass is (39 - 1) // 20 = 1 sequence, so drawing 4 sequences
+    # (80 tokens) is 4 epochs, which max_epochs 4 allows; tokens / size would say 2.05.
+    make_prefix(tmp_path / "tiny", [list(range(1, 39)) + [0]])
+    make_prefix(tmp_path / "big", [list(range(1, 1000)) + [0]])
+    cfg = load_mixture(
+        write_yaml(
+            tmp_path / "mix.yaml",
+            {
+                "seq_length": 20,
+                "tokens": 160,
+                "sources": [
+                    source("tiny", str(tmp_path / "tiny"), weight=0.5, max_epochs=4),
+                    source("big", str(tmp_path / "big"), weight=0.5),
+                ],
+            },
+        )
+    )
+    plan = plan_mixture(cfg)
+    totals = plan.to_json()["totals"]["sources"]
+    last_stage = {d.name: d.cumulative_epochs for d in plan.stages[-1].sources}
+    rows = {row[0]: row for row in plan.whole_run_rows()}
+    assert rows["tiny"][2:] == [80, 39, 4.0, 4]
+    for name, row in rows.items():
+        assert row[4] == pytest.approx(totals[name]["epochs"], abs=1e-6) == last_stage[name]
+    plan.print()
+    whole_run = capsys.readouterr().err.split("whole run")[1]
+    tiny_line = next(line for line in whole_run.splitlines() if "tiny" in line)
+    assert tiny_line.split()[-3:] == ["4", "│", "4"] and "2.051" not in whole_run
+
+
 def test_run_length_comes_from_tokens_or_total_sequences(tmp_path: Path) -> None:
     cfg = _two_sources(tmp_path)
     assert plan_mixture(cfg).total_sequences == 10

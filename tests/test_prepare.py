@@ -25,7 +25,7 @@ from midtrain import console
 from midtrain.data_mixing.indexed import IndexedWriter, open_indexed, write_indexed
 from midtrain.data_mixing.prepare import PrepareConfig, holdout_score, prepare_corpus
 from midtrain.data_mixing.stats import holdout_prefix, load_stats, stats_path
-from midtrain.data_mixing.tokenizer import tokenizer_fingerprint
+from midtrain.data_mixing.tokenizer import tokenizer_fingerprint, train_tokenizer
 from midtrain.errors import DataError
 from midtrain.fileio import sha256_file
 
@@ -175,6 +175,75 @@ def test_directories_and_globs(tiny_tokenizer: Path, tmp_path: Path) -> None:
         prepare(tiny_tokenizer, [data / "notes.md"], tmp_path / "none")
 
 
+def test_names_with_brackets_and_stars_are_read_as_they_are(
+    tiny_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # [2024] in the current directory, [1] and * in real file names: all are literal names
+    project = tmp_path / "proj[2024]"
+    project.mkdir()
+    jsonl(project / "part[1].jsonl", [{"text": "one one one"}])
+    jsonl(project / "a*b.jsonl", [{"text": "two two two"}])
+    monkeypatch.chdir(project)
+    stats = prepare(tiny_tokenizer, ["part[1].jsonl", "a*b.jsonl"], Path("out[1]") / "c")
+    assert stored(project / "out[1]" / "c") == direct(
+        tiny_tokenizer, ["one one one", "two two two"]
+    )
+    assert [i["path"] for i in stats["inputs"]] == [
+        str(project / "part[1].jsonl"),
+        str(project / "a*b.jsonl"),
+    ]
+    # a glob that does not exist as a name is still a glob, relative to a bracketed directory
+    stats = prepare(tiny_tokenizer, ["*.jsonl", "."], Path("out[1]") / "g")
+    assert stats["documents"] == 2 and stats["rejected"] == {}
+    tok = train_tokenizer(["part[1].jsonl", "."], 300, "tok[2]")
+    assert tok == project / "tok[2]"
+    # it learned from both files: each word is one token
+    trained = AutoTokenizer.from_pretrained(str(tok))
+    assert len(trained("one", add_special_tokens=False).input_ids) == 1
+    assert len(trained("two", add_special_tokens=False).input_ids) == 1
+
+
+def test_output_inside_an_input_directory_is_not_read_back(
+    tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "dd"
+    data.mkdir()
+    jsonl(data / "corpus.jsonl", [{"text": t} for t in TEXTS])
+    first = prepare(tiny_tokenizer, [data], data / "prepared", strict=True, holdout_fraction=0.3)
+    files = files_of(data / "prepared")
+    assert "prepared.stats.json" in files and first["holdout_documents"] > 0
+    # the second run sees its own stats, .bin/.idx and holdout files: it reads none of them
+    for inputs in ([data], [data / "*"], [data / "**" / "*.json*"]):
+        again = prepare(
+            tiny_tokenizer, inputs, data / "prepared", strict=True, holdout_fraction=0.3
+        )
+        assert again["inputs"] == first["inputs"] and again["rejected"] == {}
+        assert files_of(data / "prepared") == files
+    with pytest.raises(DataError, match="holds no corpus file"):
+        prepare(tiny_tokenizer, [data / "*.json"], tmp_path / "x")  # only prepared.stats.json
+
+
+def test_symlinked_directories_are_walked_and_loops_end(
+    tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    jsonl(elsewhere / "b.jsonl", [{"text": "linked"}])
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "a.jsonl", [{"text": "own"}])
+    (data / "link").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(data, target_is_directory=True)  # data -> link -> loop -> data
+    stats = prepare(tiny_tokenizer, [data], tmp_path / "c")
+    assert stored(tmp_path / "c") == direct(tiny_tokenizer, ["own", "linked"])
+    assert [i["path"] for i in stats["inputs"]] == [
+        str(data / "a.jsonl"),
+        str(data / "link" / "b.jsonl"),
+    ]
+    # the same as the glob, which also follows the link
+    assert prepare(tiny_tokenizer, [data / "*" / "*.jsonl"], tmp_path / "g")["documents"] == 1
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
@@ -269,6 +338,25 @@ def test_strict_fails_on_an_empty_file(tiny_tokenizer: Path, tmp_path: Path) -> 
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(DataError, match=f"{tmp_path / 'empty.txt'}: empty file"):
         prepare(tiny_tokenizer, [good, tmp_path / "empty.txt"], tmp_path / "c", strict=True)
+
+
+def test_parquet_and_saved_datasets_without_rows_are_empty_files(
+    tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    from datasets import Dataset, DatasetDict
+
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    Dataset.from_dict({"text": []}).save_to_disk(str(tmp_path / "none_saved"))
+    DatasetDict(
+        {"train": Dataset.from_dict({"text": ["kept"]}), "test": Dataset.from_dict({"text": []})}
+    ).save_to_disk(str(tmp_path / "half_empty"))
+    inputs = [tmp_path / "none.parquet", tmp_path / "none_saved", tmp_path / "half_empty"]
+    stats = prepare(tiny_tokenizer, inputs, tmp_path / "c")
+    assert stored(tmp_path / "c") == direct(tiny_tokenizer, ["kept"])
+    assert stats["rejected"] == {"empty_file": 2}
+    assert stats["rejected_examples"] == {"empty_file": str(tmp_path / "none.parquet")}
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'none_saved'}: empty file")):
+        prepare(tiny_tokenizer, [tmp_path / "none_saved"], tmp_path / "d", strict=True)
 
 
 def test_missing_input_is_counted_or_fails_in_strict_mode(
@@ -459,6 +547,51 @@ def test_large_vocabulary_is_stored_as_int32(tmp_path: Path) -> None:
     assert ds.index.dtype == np.int32 and [ds[i].tolist() for i in range(2)] == docs
     write_indexed(tmp_path / "small", [[1, 2]], vocab_size=1000)
     assert open_indexed(tmp_path / "small").index.dtype == np.uint16
+
+
+@pytest.mark.parametrize("vocab_size", [300, 80_000])
+@pytest.mark.parametrize("n", [0, 1, 3000])
+def test_index_is_byte_identical_to_megatron_cores_builder(
+    vocab_size: int, n: int, tmp_path: Path
+) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(n)
+    docs = [rng.integers(0, vocab_size, int(rng.integers(1, 40))) for _ in range(n)]
+    with IndexedWriter(tmp_path / "ours", vocab_size) as writer:
+        for start in range(0, n, 700):  # batches: the length buffer grows several times
+            batch = docs[start : start + 700]
+            writer.add_documents(np.concatenate(batch), np.array([len(d) for d in batch]))
+    builder = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=writer.dtype)
+    for doc in docs:
+        builder.add_item(torch.from_numpy(doc))
+        builder.end_document()
+    builder.finalize(str(tmp_path / "ref.idx"))
+    assert (tmp_path / "ours.idx").read_bytes() == (tmp_path / "ref.idx").read_bytes()
+    if n:  # (an empty dataset's .bin holds one padding element, see IndexedWriter.finish)
+        assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "ref.bin").read_bytes()
+
+
+def test_writer_memory_does_not_grow_a_python_object_per_document(tmp_path: Path) -> None:
+    import tracemalloc
+
+    lengths = np.ones(10_000, np.int64)
+    tokens = np.ones(10_000, np.uint16)
+    writer = IndexedWriter(tmp_path / "c", vocab_size=300)
+    tracemalloc.start()
+    try:
+        for _ in range(50):  # 500,000 documents
+            writer.add_documents(tokens, lengths)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        writer.abort()
+    # a Python int per length and per document index: about 40 MB; int32 lengths: 2-4 MB
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB"
 
 
 def test_writer_rejects_ids_outside_the_vocabulary(tmp_path: Path) -> None:

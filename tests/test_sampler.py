@@ -15,6 +15,7 @@ from mixture_data import make_prefix, random_docs, write_yaml
 
 from midtrain.data_mixing.interleave import Interleaver
 from midtrain.data_mixing.mixture import MixtureConfig, load_mixture
+from midtrain.data_mixing.plan import plan_mixture
 from midtrain.data_mixing.sampler import MixtureSampler, shard
 from midtrain.data_mixing.stats import load_stats
 from midtrain.errors import ConfigError, DataError
@@ -289,6 +290,46 @@ def test_stats_without_the_tokenizer_vocab_size_are_refused(tmp_path: Path) -> N
     stats_file.write_text(json.dumps(stats))
     with pytest.raises(DataError, match=r"a.stats.json: tokenizer must hold .*'vocab_size'"):
         load_stats(tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("tokens", None, "tokens must be a non-negative integer, got null"),
+        ("documents", "5", 'documents must be a non-negative integer, got "5"'),
+        ("holdout_tokens", -1, "holdout_tokens must be a non-negative integer, got -1"),
+        ("tokenizer.eod_id", 1.5, "tokenizer.eod_id must be a non-negative integer, got 1.5"),
+        ("tokenizer.vocab_size", True, "tokenizer.vocab_size must be a positive integer, got true"),
+        (
+            "tokenizer.fingerprint",
+            None,
+            "tokenizer.fingerprint must be a non-empty string, got null",
+        ),
+    ],
+)
+def test_stats_with_a_bad_value_name_the_file_and_key(
+    key: str, value: object, message: str, tmp_path: Path
+) -> None:
+    # a hand-written stats file (e.g. for data from another tool) must fail here, not later with
+    # a TypeError in the planner
+    rng = np.random.default_rng(0)
+    make_prefix(tmp_path / "a", random_docs(rng, 5, 10, 20, 1))
+    stats_file = tmp_path / "a.stats.json"
+    stats = json.loads(stats_file.read_text())
+    section, _, name = key.rpartition(".")
+    (stats[section] if section else stats)[name] = value
+    stats_file.write_text(json.dumps(stats))
+    mixture = write_yaml(
+        tmp_path / "m.yaml",
+        {
+            "seq_length": 4,
+            "tokens": 40,
+            "sources": [{"name": "a", "kind": "curated", "path": str(tmp_path / "a"), "weight": 1}],
+        },
+    )
+    with pytest.raises(DataError) as err:
+        plan_mixture(load_mixture(mixture))
+    assert str(err.value) == f"{mixture}: source 'a': {stats_file}: {message}"
 
 
 def test_an_empty_stage_is_skipped(cfg: MixtureConfig) -> None:

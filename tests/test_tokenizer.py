@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -124,6 +125,42 @@ def test_retraining_replaces_the_output_directory(tmp_path: Path) -> None:
     assert tokenizer_fingerprint(out) != first
     assert len(load_tokenizer(out)) == 320
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_output_directory_holding_other_files_is_refused_and_kept(tmp_path: Path) -> None:
+    # the reviewer's case: the corpus lives in the directory given as --output
+    out = tmp_path / "work"
+    out.mkdir()
+    corpus = write_corpus(out / "corpus.jsonl", stdlib_texts()[:2])
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError) as err:
+        train_tokenizer([str(corpus)], 300, out)
+    assert str(err.value).startswith(f"{out}: not replacing it")
+    assert "(corpus.jsonl, notes.txt)" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["work"]  # nothing staged beside it either
+
+    # a tokenizer directory with anything else in it (a subdirectory, a model) is refused too
+    tok = train_tokenizer([str(corpus)], 300, tmp_path / "tok")
+    (tok / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(DataError, match=r"\(model\.safetensors\)"):
+        train_tokenizer([str(corpus)], 320, tok)
+    (tok / "model.safetensors").unlink()
+    (tok / "sub").mkdir()
+    with pytest.raises(DataError, match=r"\(sub/\)"):
+        train_tokenizer([str(corpus)], 320, tok)
+    assert len(load_tokenizer(tok)) == 300
+
+    # an empty directory is fine
+    (tmp_path / "empty").mkdir()
+    assert len(load_tokenizer(train_tokenizer([str(corpus)], 300, tmp_path / "empty"))) == 300
+
+
+def test_output_under_a_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "c.jsonl", stdlib_texts()[:1])
+    with pytest.raises(DataError, match=re.escape(f"{corpus} is a file, not a directory")):
+        train_tokenizer([str(corpus)], 300, corpus / "tok")
 
 
 def test_train_reads_txt_paragraphs_and_a_custom_field(tmp_path: Path) -> None:

@@ -151,6 +151,22 @@ class MixturePlan:
         }
         return {"stages": stages, "totals": totals}
 
+    def whole_run_rows(self) -> list[list[Any]]:
+        """Per source: name, kind, tokens drawn, tokens available, epochs, max epochs."""
+        drawn = self.sequences_by_source()
+        return [
+            [
+                s.name,
+                s.kind,
+                drawn[s.name] * self.seq_length,
+                s.tokens,
+                # the sampler's passes, as in the stage tables and max_epochs, not tokens / size
+                epochs_drawn(drawn[s.name], s.tokens, self.seq_length),
+                s.max_epochs if s.max_epochs is not None else "-",
+            ]
+            for s in self.sources
+        ]
+
     def print(self) -> None:
         """One table per stage and one for the whole run, on the console (stderr)."""
         from midtrain.console import info, print_table, table
@@ -168,20 +184,8 @@ class MixturePlan:
             ]
             print_table(table(title, columns, rows))
             prev = st.until
-        drawn = self.sequences_by_source()
-        rows = [
-            [
-                s.name,
-                s.kind,
-                drawn[s.name] * self.seq_length,
-                s.tokens,
-                drawn[s.name] * self.seq_length / s.tokens,
-                s.max_epochs if s.max_epochs is not None else "-",
-            ]
-            for s in self.sources
-        ]
         cols = ["source", "kind", "tokens drawn", "tokens available", "epochs", "max epochs"]
-        print_table(table("whole run", cols, rows))
+        print_table(table("whole run", cols, self.whole_run_rows()))
         info(
             f"total: {self.total_sequences:,} sequences x {self.seq_length:,} tokens = "
             f"{self.total_tokens:,} tokens in {len(self.stages)} stage(s), seed {self.seed}"

@@ -41,6 +41,7 @@ from midtrain.data_mixing.readers import (
     describe,
     expand_inputs,
     fingerprint_paths,
+    make_dir,
     parse_batch,
     read_raw,
 )
@@ -273,11 +274,11 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
     input_hashes = [_sha256_source(s) for s in sources]
 
     prefix = Path(cfg.output)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(prefix.parent, prefix)
     _remove_stale_work_dirs(prefix)
     work = prefix.parent / f"{_work_dir_stem(prefix)}{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    make_dir(work, prefix)
     spec = EncodeSpec(cfg.tokenizer, eod, dtype.name, cfg.text_field, cfg.holdout_fraction)
     per_source = [0] * len(sources)
     train = IndexedWriter(prefix, vocab_size, tmp_dir=work)
@@ -399,7 +400,11 @@ def _work_dir_stem(prefix: Path) -> str:
 def _remove_stale_work_dirs(prefix: Path) -> None:
     """Work directories of killed runs on this host (their process is gone) are garbage."""
     stem = _work_dir_stem(prefix)
-    for path in prefix.parent.glob(f"{stem}*"):
+    try:  # startswith, not a glob: the prefix's name may hold [ or *
+        paths = [p for p in prefix.parent.iterdir() if p.name.startswith(stem)]
+    except OSError:  # an unreadable directory: cleaning up is not worth failing for
+        return
+    for path in paths:
         pid = path.name[len(stem) :]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)

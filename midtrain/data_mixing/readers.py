@@ -105,29 +105,23 @@ def describe(reason: str, text_field: str = "text") -> str:
 def expand_inputs(inputs: list[str], rejections: Rejections | None = None) -> list[Source]:
     """Files, directories and globs -> the sources to read, in a stable order, without duplicates.
 
-    Every input is checked before anything is read. A missing file is counted under
-    ``missing_file`` in ``rejections`` (an error in strict mode, or without ``rejections``); a glob
-    that matches nothing, an unsupported file or a directory without any corpus file is a
-    DataError naming it, as is a list where no input exists at all.
+    Every input is checked before anything is read. A path that exists is taken as it is, even
+    with ``[`` or ``*`` in its name; only a path that does not exist is tried as a glob. A missing
+    file is counted under ``missing_file`` in ``rejections`` (an error in strict mode, or without
+    ``rejections``); a glob that matches nothing, an unsupported file or a directory without any
+    corpus file is a DataError naming it, as is a list where no input exists at all. Directories
+    and globs skip ``*.stats.json`` (midtrain's own metadata, e.g. of a prefix written into an
+    input directory).
     """
     if not inputs:
         raise DataError("no input given")
     sources: list[Source] = []
     for given in inputs:
         path = os.path.abspath(os.path.expanduser(given))
-        if glob.has_magic(path):
-            matches = sorted(glob.glob(path, recursive=True))
-            if not matches:
-                raise DataError(f"{given}: the pattern matches no file")
-            # like a directory walk, a pattern takes the corpus files among what it matches
-            found = [
-                s
-                for m in matches
-                if os.path.isdir(m) or file_kind(m) is not None
-                for s in _sources_at(m, given)
-            ]
-        elif os.path.exists(path):
+        if os.path.exists(path):
             found = _sources_at(path, given)
+        elif glob.has_magic(given):  # the user's text, not the current directory's name
+            found = _glob_sources(given)
         elif rejections is not None:
             rejections.add("missing_file", given)  # raises in strict mode
             continue
@@ -139,6 +133,35 @@ def expand_inputs(inputs: list[str], rejections: Rejections | None = None) -> li
     if not sources:
         raise DataError(f"none of the inputs exists: {', '.join(inputs)}")
     return list(dict.fromkeys(sources))  # each file once, where it first appears
+
+
+def _glob_sources(given: str) -> list[Source]:
+    matches = sorted(glob.glob(_absolute_pattern(given), recursive=True))
+    if not matches:
+        raise DataError(f"{given}: the pattern matches no file")
+    # like a directory walk, a pattern takes the corpus files among what it matches
+    return [
+        s
+        for m in map(os.path.abspath, matches)
+        if os.path.isdir(m) or (file_kind(m) is not None and not is_metadata(m))
+        for s in _sources_at(m, given)
+    ]
+
+
+def _absolute_pattern(given: str) -> str:
+    """``given`` as an absolute pattern in which only the user's own text is magic: the current
+    (or home) directory it is relative to is escaped, since its name may hold ``[`` or ``*``."""
+    if os.path.isabs(given):
+        return given
+    if given.startswith("~"):
+        head, _, rest = given.partition("/")
+        return os.path.join(glob.escape(os.path.expanduser(head)), rest)
+    return os.path.join(glob.escape(os.getcwd()), given)
+
+
+def is_metadata(path: str) -> bool:
+    """midtrain's own ``PREFIX.stats.json``: never corpus, though it ends in ``.json``."""
+    return path.lower().endswith(".stats.json")
 
 
 def _sources_at(path: str, given: str) -> list[Source]:
@@ -153,14 +176,24 @@ def _sources_at(path: str, given: str) -> list[Source]:
 
 
 def _walk(root: str) -> list[Source]:
+    """Corpus files under ``root``, sorted; follows symbolic links to directories (as a glob
+    does), each real directory once, so a link loop ends."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         saved = [d for d in dirnames if is_saved_dataset(os.path.join(dirpath, d))]
         for d in saved:
             dirnames.remove(d)
         entries = [(d, "saved") for d in saved]
-        entries += [(f, file_kind(f)) for f in filenames if not f.startswith(".")]
+        entries += [
+            (f, file_kind(f)) for f in filenames if not f.startswith(".") and not is_metadata(f)
+        ]
         for name, kind in sorted(entries):
             if kind is not None:
                 found.append(Source(os.path.join(dirpath, name), kind))
@@ -192,6 +225,20 @@ def fingerprint_paths(source: Source) -> list[Path]:
     if not root.is_dir():
         return [root]
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def make_dir(path: Path, output: str | Path) -> None:
+    """``mkdir -p path`` for writing ``output``; an OSError becomes a DataError naming both."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        reason = (
+            f"{blocker} is a file, not a directory"
+            if blocker is not None and not blocker.is_dir()
+            else exc.strerror or str(exc)
+        )
+        raise DataError(f"{output}: cannot create the directory {path} ({reason})") from None
 
 
 # --- raw records --------------------------------------------------------------------------------
@@ -238,16 +285,20 @@ def _read_raw(
     from datasets import load_dataset
 
     cache = None if cache_dir is None else str(cache_dir)
+    # datasets globs data_files: a name with [ or * would silently match nothing
+    data_files = [glob.escape(source.path)]
     if source.kind == "parquet":
+        if _parquet_rows(source.path) == 0:
+            return  # nor one without rows ("BatchSize must be greater than 0")
         ds = load_dataset(
-            "parquet", data_files=[source.path], split="train", streaming=True, cache_dir=cache
+            "parquet", data_files=data_files, split="train", streaming=True, cache_dir=cache
         )
         yield from _read_columnar(ds, source.path, text_field, batching)
         return
     sample_by = "document" if source.kind == "txt" and not paragraphs else "line"
     ds = load_dataset(
         "text",
-        data_files=[source.path],
+        data_files=data_files,
         split="train",
         streaming=True,
         cache_dir=cache,
@@ -304,8 +355,16 @@ def _batched(
         yield batch
 
 
+def _parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.read_metadata(path).num_rows)
+
+
 def _read_columnar(ds: Any, where: str, text_field: str, batching: Batching) -> Iterator[RawBatch]:
     """Rows of a parquet file or saved dataset; the line number is the row, counting from 1."""
+    if getattr(ds, "num_rows", None) == 0:
+        return  # a saved dataset without rows fails inside datasets' iterator; it has no records
     columns = list(ds.column_names or [])
     missing = text_field not in columns
     if not missing:
@@ -319,17 +378,49 @@ def _read_columnar(ds: Any, where: str, text_field: str, batching: Batching) -> 
 
 
 def _read_saved(source: Source, text_field: str, batching: Batching) -> Iterator[RawBatch]:
-    from datasets import Dataset, load_from_disk
+    """A saved Dataset, or each split of a saved DatasetDict in the order it lists them."""
+    root = Path(source.path)
+    if not (root / "dataset_dict.json").is_file():
+        yield from _read_saved_split(root, source.path, text_field, batching)
+        return
+    for split in _saved_splits(root):
+        where = f"{source.path}[{split}]"
+        yield from _read_saved_split(root / split, where, text_field, batching)
+
+
+def _saved_splits(root: Path) -> list[str]:
+    path = root / "dataset_dict.json"
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a saved DatasetDict's split list ({exc})") from None
+    if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+        raise DataError(f"{path}: splits must be a list of names")
+    return splits
+
+
+def _read_saved_split(
+    path: Path, where: str, text_field: str, batching: Batching
+) -> Iterator[RawBatch]:
+    if _saved_without_rows(path):
+        return
+    from datasets import load_from_disk
 
     try:
-        loaded = load_from_disk(source.path)
+        loaded = load_from_disk(str(path))
     except Exception as exc:  # datasets raises several types for a damaged directory
-        raise DataError(f"{source.path}: not a readable saved dataset ({exc})") from None
-    if isinstance(loaded, Dataset):
-        yield from _read_columnar(loaded, source.path, text_field, batching)
-        return
-    for split in loaded:
-        yield from _read_columnar(loaded[split], f"{source.path}[{split}]", text_field, batching)
+        raise DataError(f"{where}: not a readable saved dataset ({exc})") from None
+    yield from _read_columnar(loaded, where, text_field, batching)
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """save_to_disk writes no data file for a dataset without rows, and load_from_disk then
+    fails ("list index out of range"); such a dataset simply has no records."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # load_from_disk reports it
+    return isinstance(state, dict) and state.get("_data_files") == []
 
 
 # --- parsing ------------------------------------------------------------------------------------

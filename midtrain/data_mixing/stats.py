@@ -66,4 +66,30 @@ def load_stats(prefix: str | Path) -> dict[str, Any]:
     tok = stats["tokenizer"]
     if not isinstance(tok, dict) or any(k not in tok for k in TOKENIZER_KEYS):
         raise DataError(f"{path}: tokenizer must hold {', '.join(map(repr, TOKENIZER_KEYS))}")
+    _check_values(path, stats)
     return stats
+
+
+# Counts that planning, sampling and evaluation compute with: a hand-written or damaged file must
+# fail here, naming the key, not with a TypeError somewhere downstream.
+_COUNTS = ("documents", "tokens", "holdout_documents", "holdout_tokens")
+
+
+def _check_values(path: Path, stats: dict[str, Any]) -> None:
+    tok = stats["tokenizer"]
+    checks = [(key, stats[key], 0) for key in _COUNTS]
+    checks += [
+        ("tokenizer.eod_id", tok["eod_id"], 0),
+        ("tokenizer.vocab_size", tok["vocab_size"], 1),
+    ]
+    for key, value, least in checks:
+        if not _is_int(value) or value < least:
+            kind = "a positive" if least else "a non-negative"
+            raise DataError(f"{path}: {key} must be {kind} integer, got {json.dumps(value)}")
+    if not isinstance(tok["fingerprint"], str) or not tok["fingerprint"]:
+        got = json.dumps(tok["fingerprint"])
+        raise DataError(f"{path}: tokenizer.fingerprint must be a non-empty string, got {got}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

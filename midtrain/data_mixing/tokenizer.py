@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from midtrain import console
-from midtrain.data_mixing.readers import Rejections, describe, expand_inputs, iter_texts
+from midtrain.data_mixing.readers import (
+    Rejections,
+    describe,
+    expand_inputs,
+    iter_texts,
+    make_dir,
+)
 from midtrain.errors import ConfigError, DataError
 from midtrain.fileio import fsync_dir
 
@@ -29,6 +35,9 @@ _TOKENIZER_FILES = (
     "merges.txt",
 )
 _TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+# What `tokenizer train` may replace: a directory holding nothing but these (what save_pretrained
+# writes for a tokenizer). Anything else may be the user's data, which is never deleted.
+_REPLACEABLE = ("tokenizer.json", "chat_template.jinja", *_TOKENIZER_FILES)
 # The parts of a tokenizer.json that decide how text becomes ids without special tokens (which is
 # how documents are tokenized). Left out: truncation and padding (runtime settings), the post-
 # processor (bos/eos templates, which transformers may rewrite on save), decoder and version.
@@ -59,9 +68,13 @@ def train_tokenizer(
         )
     sources = expand_inputs(inputs)
     output = Path(output).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    _check_replaceable(output)  # before the training, not after it
+    make_dir(output.parent, output)
     rejections = Rejections(text_field=text_field)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    except OSError as exc:
+        raise DataError(f"{output}: cannot write in {output.parent} ({exc.strerror})") from None
     try:
         texts = iter_texts(
             sources, rejections, text_field, paragraphs, cache_dir=work / "datasets-cache"
@@ -110,10 +123,35 @@ class _Counted:
             yield text
 
 
-def _replace_dir(staged: Path, output: Path) -> None:
-    """Move a finished directory to ``output``, replacing an older one."""
-    if output.exists() and not output.is_dir():
+def _check_replaceable(output: Path) -> None:
+    """``output`` may be created or replaced: it is absent, empty, or an earlier tokenizer."""
+    if not output.exists():
+        return
+    if not output.is_dir():
         raise DataError(f"{output}: exists and is not a directory")
+    foreign = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in output.iterdir()
+        if not (p.is_file() and _is_tokenizer_file(p.name))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise DataError(
+            f"{output}: not replacing it: it holds files that are not a tokenizer's ({shown}); "
+            "give an empty or new --output directory"
+        )
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name in _REPLACEABLE or name.endswith(_TOKENIZER_SUFFIXES)
+
+
+def _replace_dir(staged: Path, output: Path) -> None:
+    """Move a finished directory to ``output``, replacing an older tokenizer (never other files:
+    see ``_check_replaceable``)."""
+    _check_replaceable(output)
     old = None
     if output.exists():
         old = output.with_name(f".{output.name}.old-{staged.parent.name}")
