@@ -8,9 +8,12 @@ at the start of the module; each takes the whole node, so Slurm runs them one af
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,14 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
 from test_training import exact_view, final_weights, run_spec
 
 from midtrain.checkpoints import list_checkpoints
 from midtrain.cli import cli
-from midtrain.errors import ConfigError
-from midtrain.launch.slurm import SlurmOptions, render_job
+from midtrain.config import load_run_spec
+from midtrain.errors import ConfigError, MidtrainError
+from midtrain.launch.slurm import (
+    SlurmOptions,
+    fill_template,
+    render_job,
+    submit_job,
+    time_limit_seconds,
+)
 from midtrain.training.control import read_status
 from midtrain.training.metrics import read_metrics
 
@@ -104,16 +115,93 @@ def test_render_rejects_a_run_dir_that_cannot_go_on_an_sbatch_line(spec: Path) -
 
 def test_shell_code_in_values_stays_data(spec: Path) -> None:
     script = render_job(
-        str(spec), ["launch.ray_address=$(reboot)"], SlurmOptions(env=("NOTE=`id`; $(reboot)",))
+        str(spec), ["launch.ray_address=$(halt)"], SlurmOptions(env=("NOTE=`id`; $(reboot)",))
     ).script
-    assert "'launch.ray_address=$(reboot)'" in script and "export NOTE='`id`; $(reboot)'" in script
+    assert "export NOTE='`id`; $(reboot)'" in script
+    assert "halt" not in script  # overrides go into the resolved spec, not the script
+
+
+def shell_values(script: str, names: list[str]) -> list[str]:
+    """What bash makes of the script's assignments and exports (the lines that hold values)."""
+    assignments = [
+        line
+        for line in script.splitlines()
+        if re.match(r"(PYTHON|RUN_DIR|SPEC|RAY_CPUS|RAY_GPUS)=|export ", line)
+    ]
+    printed = "\n".join([*assignments, 'printf "%s\\0" ' + " ".join(f'"${n}"' for n in names)])
+    done = subprocess.run(["bash", "-c", printed], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split("\0")[:-1]
+
+
+def test_a_placeholder_inside_a_value_is_not_expanded_again(spec: Path, tmp_path: Path) -> None:
+    # `midtrain slurm render SPEC 'launch.ray_address=x{{EXPORTS}}' --env 'A=$(touch ...)'`, and
+    # the same through --python: a second expansion would put the export outside the quotes.
+    marker = tmp_path / "pwned"
+    python = "/opt/py{{EXPORTS}}thon"
+    options = SlurmOptions(python=python, env=(f"A=$(touch {marker})",))
+    script = render_job(str(spec), ["launch.ray_address=x{{EXPORTS}}"], options).script
+    assert shell_values(script, ["PYTHON", "A"]) == [python, f"$(touch {marker})"]
+    assert not marker.exists()
+    assert script.count("$(touch") == 1  # only in the export, single-quoted
+
+
+def test_template_placeholders_are_filled_in_one_pass_and_must_be_known() -> None:
+    assert fill_template("a={{A}} b={{B}}", {"A": "{{B}}", "B": "2"}, "t") == "a={{B}} b=2"
+    with pytest.raises(MidtrainError, match=re.escape("t: unknown placeholder {{NOPE}}")):
+        fill_template("{{A}} {{NOPE}}", {"A": "1"}, "t")
 
 
 def test_a_cluster_named_in_the_spec_gives_way_to_the_jobs_own(spec: Path) -> None:
-    script = render_job(
+    job = render_job(
         str(spec), ["launch.ray_address=http://elsewhere:8265"], SlurmOptions(time="UNLIMITED")
-    ).script
-    assert "launch.ray_address=null" in script and "#SBATCH --time=UNLIMITED" in script
+    )
+    assert yaml.safe_load(job.spec_yaml)["launch"]["ray_address"] is None
+    assert "#SBATCH --time=UNLIMITED" in job.script
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        ("-t5", "--time"),
+        ("-t", "--time"),
+        ("-N4", "--nodes"),
+        ("-pdebug", "--partition"),
+        ("-p=debug", "--partition"),
+        ("-vN4", "--nodes"),  # -v takes no value: sbatch reads -v -N4
+        ("-Jname", "--job-name"),
+        ("-Alab", "--account"),
+        ("-c8", "--cpus-per-task"),
+        ("-ox", "--output"),
+        ("-ex", "--error"),
+        ("--no-requeu", "--no-requeue"),
+        ("--no-requeue", "--no-requeue"),
+        ("--requeue", "--requeue"),
+        ("--out=x", "--output"),
+        ("--part=x", "--partition"),
+        ("--time=5", "--time"),
+        ("--sig=B:USR1@5", "--signal"),
+        ("--gpus-per=2", "--gpus-per-node"),
+        ("--comm=x", "--comment"),
+    ],
+)
+def test_extra_sbatch_cannot_set_midtrains_own_options(spec: Path, extra: str, option: str) -> None:
+    with pytest.raises(ConfigError, match=rf"--extra-sbatch: {re.escape(extra)} sets {option}\b"):
+        render_job(str(spec), [], SlurmOptions(extra_sbatch=(extra,)))
+
+
+def test_extra_sbatch_takes_other_options(spec: Path) -> None:
+    extras = ("--mail-type=END", "--constraint=a100", "-Ca100", "--gpus=2", "--ntasks=1", "-k")
+    script = render_job(str(spec), [], SlurmOptions(extra_sbatch=extras)).script
+    assert all(f"#SBATCH {extra}\n" in script for extra in extras)
+
+
+def test_time_zero_means_no_limit_as_in_slurm(spec: Path) -> None:
+    for value in ("0", "00:00:00", "0-0", "UNLIMITED", "INFINITE"):
+        assert time_limit_seconds(value) is None, value
+    assert (time_limit_seconds("5"), time_limit_seconds("1-00:00:30")) == (300, 86430)
+    script = render_job(str(spec), [], SlurmOptions(time="0", signal_seconds=300)).script
+    assert "#SBATCH --time=0\n" in script
 
 
 def test_rendered_script_is_valid_bash_with_the_requested_options(spec: Path) -> None:
@@ -127,7 +215,8 @@ def test_rendered_script_is_valid_bash_with_the_requested_options(spec: Path) ->
         extra_sbatch=("--constraint=a100|h100", "--exclusive"),
         env=("NCCL_SOCKET_IFNAME=ib0", "WANDB_NOTES=it's a test"),
     )
-    script = render_job(str(spec), ["train.seed=3"], options).script
+    job = render_job(str(spec), ["train.seed=3"], options)
+    script = job.script
     sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     for expected in (
         "--nodes=2",
@@ -142,7 +231,7 @@ def test_rendered_script_is_valid_bash_with_the_requested_options(spec: Path) ->
     ):
         assert f"#SBATCH {expected}" in sbatch
     assert "export WANDB_NOTES='it'\"'\"'s a test'" in script
-    assert re.search(r"TRAIN_ARGS=\(\S+render\.yaml train\.seed=3\)", script)
+    assert f"\nSPEC={job.spec_path}\n" in script and "seed" not in script
     assert "{{" not in script
     checked = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert checked.returncode == 0, checked.stderr
@@ -187,6 +276,206 @@ def test_jobs_need_a_ray_address_for_a_ray_job_id() -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "--ray-address" in done.stderr
+
+
+def test_render_names_the_resolved_spec_and_writes_nothing(spec: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    job = render_job(str(spec), [f"run_dir={run_dir}", "train.seed=11"], SlurmOptions())
+    assert job.spec_path.parent == run_dir / "slurm" and job.spec_path.suffix == ".yaml"
+    assert f"\nSPEC={job.spec_path}\n" in job.script
+    assert not run_dir.exists()
+    resolved = yaml.safe_load(job.spec_yaml)
+    assert (resolved["run_dir"], resolved["train"]["seed"]) == (str(run_dir), 11)
+    again = render_job(str(spec), [f"run_dir={run_dir}", "train.seed=11"], SlurmOptions())
+    assert again.spec_path == job.spec_path  # named by content: render and submit agree
+
+
+def stub_command(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_submit_saves_the_resolved_spec_the_job_runs(
+    spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sbatch only queues the script here: what the job will run is the script and the saved spec.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub_command(bin_dir / "sbatch", f'echo "$@" > {tmp_path}/sbatch-args\necho 4242\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    mine = tmp_path / "run.yaml"
+    shutil.copy(spec, mine)
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", "train.seed=11", "launch.ray_address=http://x:8265"]
+
+    job_id, script = submit_job(str(mine), overrides, SlurmOptions())
+    assert job_id == "4242" and (tmp_path / "sbatch-args").read_text().split()[-1] == str(script)
+    saved = Path(re.search(r"^SPEC=(\S+)$", script.read_text(), re.M).group(1))
+    submitted = load_run_spec(saved)
+    expected = load_run_spec(mine, [*overrides[:2], "launch.ray_address=null"])
+    assert submitted == expected and saved.parent == run_dir / "slurm"
+
+    # Editing the spec after submitting changes nothing for the job, queued or requeued.
+    mine.write_text(mine.read_text().replace("seed:", "seed: 99 #"))
+    assert load_run_spec(saved) == expected
+    _, second = submit_job(str(mine), overrides, SlurmOptions())
+    assert re.search(r"^SPEC=(\S+)$", second.read_text(), re.M).group(1) != str(saved)
+
+
+# --- the batch script, run with stub srun/scontrol and a stub driver: no Slurm, no Ray -----------
+
+# The driver: like `midtrain train`, it starts with SIGUSR1 ignored (the script's `trap ''`) and
+# only later installs its handler, which checkpoints and stops on SIGUSR1 or SIGTERM (exit 75).
+STUB_DRIVER = """
+import signal, sys, time
+time.sleep(float(sys.argv[1]))
+stop = []
+for sig in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(sig, lambda signum, _frame: stop.append(signal.Signals(signum).name))
+print("[driver] listening", flush=True)
+deadline = time.monotonic() + float(sys.argv[2])
+while not stop and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(f"[driver] stopped on {stop[0]}" if stop else "[driver] completed", flush=True)
+sys.exit(75 if stop else 0)
+"""
+
+
+class ScriptRun:
+    """The rendered script running in bash; stubs record srun/scontrol calls in ``calls``."""
+
+    def __init__(
+        self,
+        spec: Path,
+        root: Path,
+        job_id: int,
+        *,
+        healthy: bool = True,
+        driver_start_s: float = 0,
+        driver_run_s: float = 0,
+    ) -> None:
+        root.mkdir(parents=True)
+        self.root = root
+        bin_dir = root / "bin"
+        bin_dir.mkdir()
+        stub_command(bin_dir / "srun", f'echo "srun $*" >> {root}/calls\nexec sleep 60\n')
+        stub_command(
+            bin_dir / "scontrol",
+            f'if [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> {root}/calls; fi\n',
+        )
+        (root / "driver.py").write_text(STUB_DRIVER)
+        health = "exit 0" if healthy else "sleep 0.1; exit 1"  # the head starts, or never does
+        python = stub_command(
+            bin_dir / "python",
+            f"""case "$*" in
+  *health-check*) {health};;
+  *"-m midtrain.cli train"*) echo "[driver] started: $*"
+    exec {sys.executable} {root}/driver.py {driver_start_s} {driver_run_s};;
+  *) exec {sys.executable} "$@";;
+esac
+""",
+        )
+        job = render_job(str(spec), [f"run_dir={root / 'run'}"], SlurmOptions(python=str(python)))
+        job.log_dir.mkdir(parents=True)
+        job.spec_path.write_text(job.spec_yaml)  # what `submit_job` does
+        (root / "job.sbatch").write_text(job.script)
+        self.log = root / "out.log"
+        env = {
+            **os.environ,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NODELIST": "node1",
+            "SLURM_JOB_NUM_NODES": "1",
+            "MIDTRAIN_HEAD_IP": "127.0.0.1",
+        }
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                ["bash", str(root / "job.sbatch")],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: the cleanup ends every stub with it
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def calls(self) -> str:
+        path = self.root / "calls"
+        return path.read_text() if path.exists() else ""
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output() + self.calls():
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.output()}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the script did not end:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture
+def script_runs() -> Iterator[list[ScriptRun]]:
+    runs: list[ScriptRun] = []
+    yield runs
+    for run in runs:
+        run.kill()
+
+
+def test_a_stop_while_the_ray_head_starts_ends_the_job_without_requeue(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    run = ScriptRun(spec, tmp_path / "job", 101, healthy=False)
+    script_runs.append(run)
+    run.wait_for("srun")  # the head is starting (and never answers)
+    time.sleep(0.5)
+    run.proc.send_signal(signal.SIGTERM)  # `midtrain jobs stop`: scancel --batch --signal=TERM
+    assert run.finish() == 75, run.output()
+    out = run.output()
+    assert "stopped before the driver started" in out and "[driver]" not in out, out
+    assert "scontrol requeue" not in run.calls()
+    assert not list((tmp_path / "job" / "run" / "slurm").glob("ray-token-*"))  # Ray was stopped
+
+
+def test_a_stop_while_the_driver_starts_up_reaches_it_once_it_listens(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    run = ScriptRun(spec, tmp_path / "job", 102, driver_start_s=2, driver_run_s=60)
+    script_runs.append(run)
+    run.wait_for("[driver] started")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 75, run.output()
+    out = run.output()
+    assert "[driver] stopped on SIGUSR1" in out and "midtrain train exited 75" in out, out
+    assert "scontrol requeue" not in run.calls()
+
+
+def test_jobs_with_consecutive_ids_use_different_ports(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    ids = [7, 8, 9, 3999, 4000, 4001, 67_043_327]  # 67043327: Slurm's largest job id
+    for job_id in ids:
+        script_runs.append(ScriptRun(spec, tmp_path / str(job_id), job_id))
+    ports = {}
+    for job_id, run in zip(ids, script_runs, strict=True):
+        assert run.finish() == 0, run.output()
+        head = run.calls()  # one srun: the head's `ray start` (the worker nodes' needs 2 nodes)
+        assert head.count("srun ") == 1 and " --head " in head
+        names = ("port", "dashboard-agent-listen-port", "metrics-export-port")
+        ports[job_id] = {int(re.search(rf" --{n}=(\d+)", head).group(1)) for n in names}
+        assert len(ports[job_id]) == 3 and all(20000 <= p < 32768 for p in ports[job_id])
+        assert f"Ray head 127.0.0.1:{min(ports[job_id])}" in run.output()
+    for a, b in itertools.pairwise(ids):
+        assert not ports[a] & ports[b], (a, b, ports)
 
 
 # --- real jobs ----------------------------------------------------------------------------------
@@ -274,6 +563,9 @@ def jobs(
     ):
         spec = run_spec(tmp, prepared_corpora, name, **{**LONG, "train__max_steps": steps})
         submitted[name] = (submit(spec, *extra), tmp / name)
+        # The job runs the spec as submitted: an edit while it is queued (or requeued) is not
+        # seen. Each test checks the submitted step count.
+        run_spec(tmp, prepared_corpora, name, **{**LONG, "train__max_steps": 3})
     yield submitted
     # A job cancelled mid-run has no time to remove its Ray head's temp dir: do it for it.
     ids = [job_id for job_id, _ in submitted.values()]

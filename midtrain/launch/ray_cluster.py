@@ -42,6 +42,8 @@ from midtrain.runtime_env import verbose
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
+    from midtrain.config import RunSpec
+
 JOBS_SCHEMES = ("http://", "https://")
 # Ray gives a stopped job's driver this long between SIGTERM and SIGKILL (its default is 3 s):
 # time for every rank to save a checkpoint.
@@ -119,6 +121,16 @@ def _submission_id(run_dir: str) -> str:
     return f"midtrain-{name}-{uuid.uuid4().hex[:8]}"
 
 
+def resolved_spec(spec_path: str, overrides: list[str]) -> RunSpec:
+    """The spec as a cluster job runs it: overrides applied, paths absolute, and no
+    ``launch.ray_address`` (the job joins the cluster it runs on, whatever cluster the spec names).
+    Staged for the job, so the cluster runs exactly what was validated here."""
+    from midtrain.config import load_run_spec
+
+    spec = load_run_spec(spec_path, overrides)
+    return spec.model_copy(update={"launch": spec.launch.model_copy(update={"ray_address": None})})
+
+
 def build_entrypoint(
     staged: Path,
     spec_path: str | None,
@@ -129,18 +141,11 @@ def build_entrypoint(
     python: str,
 ) -> tuple[str, str]:
     """Stage the resolved spec in ``staged``; returns (entrypoint command, run dir)."""
-    from midtrain.config import load_run_spec
-
     # The job's working directory is the staged folder: every path it gets must be absolute.
     resume_dir = str(Path(resume_dir).resolve()) if resume_dir is not None else None
     if spec_path is not None:
-        # Resolved here: paths become absolute and the overrides are applied, so the cluster runs
-        # exactly what was validated, and a bad spec fails before anything is uploaded. The job
-        # joins the cluster it runs on, whatever cluster the spec names.
-        spec = load_run_spec(spec_path, overrides)
-        spec = spec.model_copy(
-            update={"launch": spec.launch.model_copy(update={"ray_address": None})}
-        )
+        # Resolved here, so a bad spec fails before anything is uploaded.
+        spec = resolved_spec(spec_path, overrides)
         (staged / "run.yaml").write_text(spec.to_yaml(), encoding="utf-8")
         args = ["train", "run.yaml"]
         if resume_dir is not None:

@@ -9,6 +9,7 @@ that go into shell code are also quoted.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import shutil
@@ -32,32 +33,41 @@ SBATCH_OPTION = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*(=[A-Za-z0-9_.,:=/@%+*&|!()
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Paths on an #SBATCH line (the job's log) cannot be quoted there; `%` is sbatch's pattern sign.
 SBATCH_PATH = re.compile(r"[A-Za-z0-9_./+@:,=-]+")
-# Options midtrain sets itself: a second value from --extra-sbatch would silently win or clash.
-OWN_OPTIONS = {
-    "--nodes",
-    "-N",
-    "--ntasks-per-node",
-    "--gpus-per-node",
-    "--requeue",
-    "--no-requeue",
-    "--signal",
-    "--output",
-    "-o",
-    "--error",
-    "-e",
-    "--open-mode",
-    "--job-name",
-    "-J",
-    "--partition",
-    "-p",
-    "--time",
-    "-t",
-    "--account",
-    "-A",
-    "--cpus-per-task",
-    "-c",
-    "--comment",
+# Options midtrain sets itself (a second value from --extra-sbatch would silently win or clash),
+# with the midtrain option that sets each, if there is one.
+OWN_OPTIONS: dict[str, str | None] = {
+    "nodes": "--nodes",
+    "ntasks-per-node": None,
+    "gpus-per-node": "--gpus-per-node",
+    "requeue": None,
+    "no-requeue": None,
+    "signal": "--signal-seconds",
+    "output": None,
+    "error": None,
+    "open-mode": None,
+    "job-name": "--job-name",
+    "partition": "--partition",
+    "time": "--time",
+    "account": "--account",
+    "cpus-per-task": "--cpus-per-node",
+    "comment": None,
 }
+# sbatch's short forms of those (`sbatch --help`): `-t5` is `--time=5`.
+SHORT_OPTIONS = {
+    "N": "nodes",
+    "o": "output",
+    "e": "error",
+    "J": "job-name",
+    "p": "partition",
+    "t": "time",
+    "A": "account",
+    "c": "cpus-per-task",
+}
+# sbatch's short options that take no value: getopt reads `-HN4` as `-H -N4`.
+SHORT_FLAGS = set("HOQsvWhV")
+# sbatch takes any unambiguous prefix of a long option (`--part` is --partition), but an exact
+# name wins: these real options are prefixes of midtrain's own and are not theirs.
+NOT_OWN_PREFIXES = {"gpus", "ntasks"}
 # `midtrain jobs status` lists the Slurm jobs whose comment starts with this.
 COMMENT_PREFIX = "midtrain:"
 
@@ -84,6 +94,8 @@ class RenderedJob:
     script: str
     run_dir: Path
     log_dir: Path
+    spec_yaml: str  # the resolved spec the job runs; `submit_job` writes it to `spec_path`
+    spec_path: Path
 
 
 def check_text(fieldname: str, value: str, pattern: re.Pattern[str] | None = None) -> str:
@@ -98,11 +110,32 @@ def check_text(fieldname: str, value: str, pattern: re.Pattern[str] | None = Non
     return value
 
 
+def _own_option(option: str) -> str | None:
+    """The option of midtrain's own that sbatch reads ``option`` (``-t5``, ``--part=x``) as."""
+    if not option.startswith("--"):
+        for letter in option[1:]:
+            if letter in SHORT_OPTIONS:
+                return SHORT_OPTIONS[letter]
+            if letter not in SHORT_FLAGS:  # takes a value: the rest of the word is that value
+                return None
+        return None
+    name = option[2:].split("=", 1)[0]
+    if name in OWN_OPTIONS:
+        return name
+    if name in NOT_OWN_PREFIXES:
+        return None
+    return next((own for own in OWN_OPTIONS if own.startswith(name)), None)
+
+
 def _check_option(value: str) -> str:
     check_text("--extra-sbatch", value, SBATCH_OPTION)
-    name = value.split("=", 1)[0]
-    if name in OWN_OPTIONS:
-        raise ConfigError(f"--extra-sbatch: {name} is set by midtrain; use its own option")
+    own = _own_option(value)
+    if own is not None:
+        instead = OWN_OPTIONS[own]
+        hint = f"use midtrain's {instead}" if instead else "midtrain needs its own value"
+        raise ConfigError(
+            f"--extra-sbatch: {value} sets --{own}, which midtrain sets itself ({hint})"
+        )
     return value
 
 
@@ -133,7 +166,8 @@ def check_numbers(o: SlurmOptions) -> SlurmOptions:
 
 
 def time_limit_seconds(value: str) -> int | None:
-    """A Slurm time limit in seconds (None: no limit); raises naming --time if malformed."""
+    """A Slurm time limit in seconds (None: no limit, as Slurm reads UNLIMITED, INFINITE and 0);
+    raises naming --time if malformed."""
     check_text("--time", value, SLURM_TIME)
     if value in ("UNLIMITED", "INFINITE"):
         return None
@@ -145,7 +179,8 @@ def time_limit_seconds(value: str) -> int | None:
         h, m, sec = parts
     else:  # M, M:S
         h, m, sec = 0, parts[0], parts[1] if len(parts) == 2 else 0
-    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+    seconds = ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+    return seconds or None  # sbatch: "a time limit of zero requests that no time limit be imposed"
 
 
 def sbatch_lines(options: SlurmOptions, job_name: str, log_dir: Path) -> list[str]:
@@ -187,17 +222,33 @@ def template_path() -> Path:
     raise MidtrainError(f"the sbatch template {TEMPLATE_NAME} was not found next to midtrain")
 
 
+def fill_template(template: str, values: dict[str, str], source: str) -> str:
+    """Replace every ``{{NAME}}`` in one pass: a value that holds ``{{NAME}}`` stays as it is
+    (a second pass would expand it, outside the value's quotes)."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(1) not in values:  # a template edited without the renderer
+            raise MidtrainError(f"{source}: unknown placeholder {match.group()}")
+        return values[match.group(1)]
+
+    return re.sub(r"\{\{([A-Z_]+)\}\}", value, template)
+
+
 def render_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> RenderedJob:
-    """The batch script for this run spec (+ overrides), after validating every value in it."""
-    from midtrain.config import load_run_spec
+    """The batch script for this run spec (+ overrides), after validating every value in it.
+
+    The job runs the resolved spec (overrides applied, absolute paths), saved by `submit_job` as
+    RUN_DIR/slurm/run-spec-HASH.yaml: editing the spec file later changes nothing for the job,
+    queued or requeued. Rendering writes nothing.
+    """
+    from midtrain.launch.ray_cluster import resolved_spec
 
     check_numbers(options)
     for value in overrides:
         check_text("override", value)
     check_text("run spec path", spec_path)
     check_text("--python", options.python)
-    spec_file = Path(spec_path).resolve()
-    spec = load_run_spec(str(spec_file), list(overrides))
+    spec = resolved_spec(spec_path, list(overrides))
     run_dir = Path(spec.run_dir)
     check_text("run_dir", str(run_dir))
     gpus_total = options.nodes * options.gpus_per_node
@@ -215,28 +266,24 @@ def render_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> R
         job_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", job_name)
     header = sbatch_lines(options, job_name, log_dir)
 
-    train_args = [str(spec_file), *overrides]
-    if spec.launch.ray_address is not None:
-        # The driver joins the job's own Ray head ($RAY_ADDRESS, set by the script), never the
-        # cluster the spec names.
-        train_args.append("launch.ray_address=null")
+    # The driver joins the job's own Ray head ($RAY_ADDRESS, set by the script): the resolved
+    # spec names no cluster. Named by its content, so render and submit agree on the path.
+    spec_yaml = spec.to_yaml()
+    digest = hashlib.sha256(spec_yaml.encode("utf-8")).hexdigest()[:12]
+    staged_spec = log_dir / f"run-spec-{digest}.yaml"
     exports = [f"export {name}={shlex.quote(val)}" for name, val in map(_check_env, options.env)]
     values = {
         "SBATCH": "\n".join(header),
         "PYTHON": shlex.quote(options.python),
         "RUN_DIR": shlex.quote(str(run_dir)),
-        "TRAIN_ARGS": " ".join(shlex.quote(a) for a in train_args),
+        "SPEC": shlex.quote(str(staged_spec)),
         "RAY_CPUS": str(ray_cpus),
         "RAY_GPUS": str(options.gpus_per_node),
         "EXPORTS": "\n".join(exports),
     }
-    script = template_path().read_text(encoding="utf-8")
-    for key, value in values.items():
-        script = script.replace("{{" + key + "}}", value)
-    leftover = re.search(r"\{\{[A-Z_]+\}\}", script)
-    if leftover:  # a template edited without the renderer: never submit a half-filled script
-        raise MidtrainError(f"{template_path()}: unknown placeholder {leftover.group()}")
-    return RenderedJob(script=script, run_dir=run_dir, log_dir=log_dir)
+    template = template_path()
+    script = fill_template(template.read_text(encoding="utf-8"), values, str(template))
+    return RenderedJob(script, run_dir, log_dir, spec_yaml, staged_spec)
 
 
 def sbatch_command() -> str:
@@ -247,10 +294,15 @@ def sbatch_command() -> str:
 
 
 def submit_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> tuple[str, Path]:
-    """Render, save the script under RUN_DIR/slurm/, submit it; returns (job id, script path)."""
+    """Render, save the script and the resolved spec under RUN_DIR/slurm/, submit the script;
+    returns (job id, script path)."""
+    from midtrain.fileio import atomic_write_text
+
     job = render_job(spec_path, overrides, options)
     sbatch = sbatch_command()
     job.log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
+    # Atomic: a queued job of an earlier submission may be about to read the same file.
+    atomic_write_text(job.spec_path, job.spec_yaml)
     script = job.log_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     script.write_text(job.script, encoding="utf-8")
     done = subprocess.run(
