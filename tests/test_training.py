@@ -494,3 +494,22 @@ def test_new_run_into_a_used_run_dir_is_refused(
     spec = run_spec(tmp_path, prepared_corpora, "again", run_dir=str(reference))
     out = _fails("train", str(spec))
     assert "already holds checkpoints" in out and "--resume" in out
+
+
+def test_mixture_errors_name_the_run_spec_and_resume_follows_symlinks(
+    tmp_path: Path, prepared_corpora: dict[str, Path], reference: Path
+) -> None:
+    # An inline mixture has no file of its own: a planning error names the run spec.
+    sources = [
+        {"name": n, "kind": k, "path": [str(prepared_corpora[n])], "weight": 1, "max_epochs": 0.001}
+        for n, k in (("legal", "customer"), ("general", "curated"))
+    ]
+    spec = run_spec(tmp_path, prepared_corpora, "greedy", mixture__sources=sources)
+    out = _fails("train", str(spec))
+    assert f"{spec}: mixture" in out and "epochs" in out
+    # --resume through a symlinked directory names the same run as the spec's resolved run_dir.
+    (tmp_path / "link").symlink_to(reference.parent)
+    linked = tmp_path / "link" / reference.name
+    spec = run_spec(tmp_path, prepared_corpora, "linked", run_dir=str(linked), train__seed=2)
+    out = _fails("train", str(spec), "--resume", str(linked))
+    assert "names another run_dir" not in out and "train.seed: 1 -> 2" in out

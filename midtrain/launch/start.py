@@ -45,13 +45,14 @@ def prepare_run(
     if spec_path is not None:
         spec = load_run_spec(spec_path, overrides)
         run_dir = Path(resume_dir).resolve() if resume_dir else Path(spec.run_dir)
-        if resume_dir and Path(spec.run_dir) != run_dir:
+        if resume_dir and Path(spec.run_dir).resolve() != run_dir:  # symlinks too
             raise ConfigError(
                 f"--resume {resume_dir} names another run_dir than the spec ({spec.run_dir})"
             )
     else:
         run_dir = Path(resume_dir).resolve()
-        _, spec = _saved_spec(run_dir)
+        latest, spec = _saved_spec(run_dir)
+        spec_path = str(latest / "run_spec.yaml")  # what errors in it name
         # The run may have been moved or copied since it was saved: it continues where it is.
         spec = spec.model_copy(update={"run_dir": str(run_dir)})
         if overrides:
@@ -83,7 +84,9 @@ def prepare_run(
                 "train.tensorboard: the tensorboard package is not installed "
                 "(pip install 'midtrain[tensorboard]')"
             ) from None
-    plan = plan_mixture(spec.mixture, total_sequences=spec.total_sequences)
+    # An inline mixture has no file of its own: its errors name the run spec.
+    where = spec.mixture.source_file or f"{spec_path}: mixture"
+    plan = plan_mixture(spec.mixture, total_sequences=spec.total_sequences, where=where)
     check_start(spec, resuming)
     return PreparedRun(spec, resuming, plan)
 
