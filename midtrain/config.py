@@ -104,7 +104,7 @@ class TrainConfig(StrictModel):
     seed: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_stage: int = Field(default=1, ge=0, le=3)
-    log_interval: int = Field(default=1, gt=0)
+    log_interval: int = Field(default=1, gt=0, description="a metrics record every N steps")
     tensorboard: bool = False
     deterministic: bool = Field(default=True, description="deterministic kernels (exact resume)")
     backend: Literal["deepspeed", "megatron"] = Field(
@@ -133,6 +133,17 @@ class CheckpointConfig(StrictModel):
     keep_last: int = Field(default=3, gt=0)
     keep_every: int | None = Field(default=None, gt=0, description="mark every Nth step `keep`")
     async_save: bool = True
+
+    @model_validator(mode="after")
+    def _kept_steps_are_saved(self) -> CheckpointConfig:
+        if self.keep_every is not None and (
+            self.interval is None or self.keep_every % self.interval
+        ):
+            raise ValueError(
+                f"checkpoint.keep_every ({self.keep_every}) must be a multiple of "
+                f"checkpoint.interval ({self.interval}): only the steps that are saved can be kept"
+            )
+        return self
 
 
 class LaunchConfig(StrictModel):
@@ -252,6 +263,7 @@ EXACTNESS_KEYS = (
     "train.precision",
     "train.deterministic",
     "optimizer",
+    "schedule",
     "train.backend",
     "parallel",
 )

@@ -90,6 +90,7 @@ def test_resolved_yaml_round_trips(spec_file: Path) -> None:
         ("model.config.num_heads=3", "divisible by num_heads"),
         ("mixture.sources.0.weight=0", "mixture.sources.0.weight"),
         ("schedule.kind=step", "schedule.kind"),
+        ("checkpoint.keep_every=7", "keep_every (7) must be a multiple of checkpoint.interval"),
     ],
 )
 def test_bad_values_name_the_key(spec_file: Path, override: str, message: str) -> None:
@@ -130,6 +131,7 @@ def test_diff_marks_exactness_keys(spec_file: Path) -> None:
     assert breaks_exactness("train.precision") and breaks_exactness("train.deterministic")
     assert not breaks_exactness("train.max_steps") and not breaks_exactness("workers")
     assert not breaks_exactness("train.zero_stage")
+    assert breaks_exactness("schedule.decay_fraction")  # moves the LR curve, as optimizer.lr does
 
 
 def test_spec_is_a_typed_tree(spec_file: Path) -> None:

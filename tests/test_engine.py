@@ -7,6 +7,7 @@ cheaply; the multi-worker paths are in test_training.py.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -129,6 +130,7 @@ def test_resume_is_exact_for_each_stage(
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b, strict=True):
         assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"])
+        assert isinstance(x["grad_norm"], float) and x["grad_norm"] > 0  # also without ZeRO
 
 
 @pytest.mark.slow
@@ -197,3 +199,58 @@ def test_activation_checkpointing_keeps_fewer_activations_and_changes_no_result(
     assert 0 < ckpt_saved < plain_saved / 3  # without it: 89 tensors per micro-batch here
     assert ckpt_losses == pytest.approx(plain_losses, rel=1e-6)
     assert ckpt_norm == pytest.approx(plain_norm, rel=1e-5)
+
+
+def test_grad_norm_without_zero_is_the_one_zero_reports(
+    tmp_path: Path, prepared_corpora: dict[str, Path], one_rank_group: None
+) -> None:
+    """Stage 0 (fp32) keeps no norm in DeepSpeed: the backend measures it, before clipping, and
+    gets what ZeRO-1 reports for the same steps."""
+    from midtrain.data_mixing.sampler import MixtureSampler
+
+    norms = []
+    for stage in (0, 1):
+        spec = load_run_spec(_spec(tmp_path, prepared_corpora, f"stage{stage}", stage, "fp32"))
+        backend = _backend(spec)
+        sampler = MixtureSampler(spec.mixture, total_sequences=spec.total_sequences)
+        steps = []
+        for _ in range(2):
+            batch = sampler.next_batch_for_rank(spec.train.global_batch_size, 0, 1)
+            backend.train_step(batch, len(sampler.source_names))
+            steps.append(backend.grad_norm())
+        norms.append(steps)
+    assert all(n is not None and n > 0 for n in norms[0])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_attn_implementation_also_applies_to_a_model_from_a_checkpoint(
+    tmp_path: Path, prepared_corpora: dict[str, Path], one_rank_group: None
+) -> None:
+    """A saved config.json does not record the attention implementation: a resumed or branched
+    run (config from the checkpoint) must still use the spec's."""
+    spec = load_run_spec(
+        _spec(tmp_path, prepared_corpora, "fresh", 1, "fp32"), ["model.attn_implementation=eager"]
+    )
+    fresh = _backend(spec)
+    assert fresh.engine.module.config._attn_implementation == "eager"
+    fresh.engine.module.save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved.get("attn_implementation") is None  # what makes the setting necessary
+    overrides = ["model.config=null", f"model.from_checkpoint={tmp_path / 'hf'}"]
+    for attn in ("eager", "sdpa"):
+        spec = load_run_spec(
+            _spec(tmp_path, prepared_corpora, f"from_{attn}", 1, "fp32"),
+            [*overrides, f"model.attn_implementation={attn}"],
+        )
+        assert _backend(spec).engine.module.config._attn_implementation == attn
+
+
+def test_log_interval_thins_the_metrics_but_keeps_the_last_step(
+    tmp_path: Path, prepared_corpora: dict[str, Path], one_rank_group: None
+) -> None:
+    from midtrain.training.loop import train
+
+    path = _spec(tmp_path, prepared_corpora, "sparse", 1, "fp32")
+    spec = load_run_spec(path, ["train.log_interval=4"])
+    assert train(spec).status == "completed"
+    assert [r["step"] for r in read_metrics(spec.run_dir)] == [4, 6]

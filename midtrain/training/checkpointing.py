@@ -53,8 +53,8 @@ class StartPoint:
     resume_state: dict[str, Any] | None = None
     seed: int = 0
 
-    def build_model(self) -> transformers.PreTrainedModel:
-        model = build_model(self.hf_config, self.seed)
+    def build_model(self, attn_implementation: str | None = None) -> transformers.PreTrainedModel:
+        model = build_model(self.hf_config, self.seed, attn_implementation)
         if self.weights is not None:
             missing, unexpected = model.load_state_dict(self.weights(), strict=False)
             missing = [k for k in missing if k not in _tied_names(model)]

@@ -9,7 +9,7 @@ pickles loaded with ``weights_only=False``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import deepspeed
@@ -208,11 +208,18 @@ def full_model_state(
     return state
 
 
+def _total_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """The L2 norm of all gradients together (as ``clip_grad_norm_`` computes it, on the device)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 class DeepSpeedBackend:
     """``Backend`` for the HF model in a DeepSpeed engine (data parallel, ZeRO 0-3)."""
 
     def __init__(self, spec: RunSpec, start: StartPoint, rank: int, world: int) -> None:
-        model = apply_model_options(start.build_model(), spec.model.activation_checkpointing)
+        model = start.build_model(spec.model.attn_implementation)  # also on resume: not saved
+        model = apply_model_options(model, spec.model.activation_checkpointing)
         self.engine = build_engine(model, spec)
         if spec.model.compile:
             self.engine.compile()
@@ -222,6 +229,9 @@ class DeepSpeedBackend:
         self.hf_config = self.engine.module.config
         names = [name for name, _ in self.engine.module.named_parameters()]
         self._saved_here = dealt(names, world, rank)
+        # Without ZeRO or bf16, DeepSpeed clips fp32 gradients itself and keeps no norm: measure it.
+        self._measure_norm = not (self.engine.zero_optimization() or self.engine.bfloat16_enabled())
+        self._grad_norm: torch.Tensor | None = None
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self.engine.optimizer.param_groups
@@ -232,6 +242,8 @@ class DeepSpeedBackend:
         for tokens in batch.tokens.split(self.micro_batch_size):
             losses = sequence_losses(engine, tokens.to(engine.device))
             engine.backward(losses.mean())  # DeepSpeed scales by 1/accumulation steps
+            if self._measure_norm and engine.is_gradient_accumulation_boundary():
+                self._grad_norm = _total_norm(engine.module.parameters())  # before clipping
             engine.step()  # steps the optimizer at the accumulation boundary only
             per_sequence.append(losses.detach())
         return reduce_source_totals(
@@ -239,7 +251,7 @@ class DeepSpeedBackend:
         )
 
     def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self._measure_norm else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     def full_model_state(self, copy: HostCopy) -> dict[str, torch.Tensor] | None:

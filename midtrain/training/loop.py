@@ -133,11 +133,12 @@ def train(spec: RunSpec) -> Outcome:
         step_s = time.perf_counter() - t0
         timing.steps_s += step_s
         timing.data_s += data_s
-        if metrics is not None:
-            metrics.log(progress, loss_sum, count, lr, schedule.phase(step), step_s, data_s)
 
         stopping = stop.requested()  # a collective: every rank stops at the same step
         last = progress.step == spec.train.max_steps
+        logged = progress.step % spec.train.log_interval == 0 or last or stopping
+        if metrics is not None and logged:
+            metrics.log(progress, loss_sum, count, lr, schedule.phase(step), step_s, data_s)
         if (
             stopping
             or last

@@ -49,11 +49,15 @@ def llama_config(
     )
 
 
-def build_model(config: transformers.PretrainedConfig, seed: int) -> transformers.PreTrainedModel:
-    """A freshly initialised fp32 model; the same seed gives the same weights on every rank."""
+def build_model(
+    config: transformers.PretrainedConfig, seed: int, attn_implementation: str | None = None
+) -> transformers.PreTrainedModel:
+    """A freshly initialised fp32 model; the same seed gives the same weights on every rank.
+    ``attn_implementation`` wins over the config's (a saved config.json does not record it)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    return model
+    return transformers.AutoModelForCausalLM.from_config(
+        config, torch_dtype=torch.float32, attn_implementation=attn_implementation
+    )
 
 
 def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
