@@ -68,16 +68,18 @@ def fmt(value: Any) -> str:
 def json_text(obj: Any) -> str:
     """``--json`` output: strict JSON, so NaN and infinity (a diverged loss) become null; other
     tools' parsers reject Python's ``NaN``. Values JSON has no type for are printed as strings."""
-    return json.dumps(_finite(obj), indent=2, default=str, allow_nan=False)
+    return json.dumps(finite_json(obj), indent=2, default=str, allow_nan=False)
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (in dicts, lists and tuples) replaced by null:
+    JSON has no such numbers."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 

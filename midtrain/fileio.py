@@ -101,12 +101,11 @@ class ExclusiveLock:
     """An advisory ``flock`` on ``path``, held until ``release()`` or the process ends (a crash,
     a SIGKILL too: the kernel drops it). The holder's pid, host and start time are written into
     the file so that the error of whoever waits in vain names them. Where the file system
-    cannot lock (Lustre mounted without ``flock``, say), ``locked`` is False and nothing is held.
+    cannot lock (Lustre mounted without ``flock``, say), nothing is held.
     """
 
     def __init__(self, path: str | Path, *, timeout_s: float = 0.0, poll_s: float = 0.2) -> None:
         self.path = Path(path)
-        self.locked = False
         self._file = open(self.path, "a+")  # noqa: SIM115 - closed in release()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -127,7 +126,6 @@ class ExclusiveLock:
                     self._file.close()
                     raise
                 return  # no locking on this file system: go on without
-        self.locked = True
         self._file.truncate(0)
         self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n")
         self._file.flush()
@@ -135,7 +133,6 @@ class ExclusiveLock:
     def release(self) -> None:
         """Drop the lock (closing the file does); safe to call twice."""
         self._file.close()
-        self.locked = False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -3,7 +3,6 @@ the PNG charts, in one output directory. Each file is written atomically; report
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,6 @@ PLOT_TITLES = {
 }
 
 
-def _finite(x: float | None) -> float | None:
-    """JSON has no NaN: a missing number is null."""
-    return None if x is None or not math.isfinite(x) else x
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return _finite(obj) if isinstance(obj, float) else obj
-
-
 def report_json(ev: Evaluation, plots: list[str]) -> dict[str, Any]:
     runs = []
     for run in ev.runs:
@@ -54,7 +40,7 @@ def report_json(ev: Evaluation, plots: list[str]) -> dict[str, Any]:
                 "checkpoints": checkpoints,
             }
         )
-    return _clean(
+    return console.finite_json(
         {"format": REPORT_FORMAT, "eval_set": ev.eval_set.to_json(), "runs": runs, "plots": plots}
     )
 

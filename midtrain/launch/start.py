@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from midtrain.checkpoints.layout import RUN_SPEC
 from midtrain.checkpoints.store import latest_checkpoint
 from midtrain.config import RunSpec, breaks_exactness, diff_specs, load_run_spec, run_spec_from_yaml
 from midtrain.console import console
@@ -25,11 +26,12 @@ class PreparedRun:
 
 
 def _saved_spec(run_dir: Path) -> tuple[Path, RunSpec]:
+    """The spec saved with the run's latest checkpoint: (its file, the spec)."""
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint to resume from")
-    path = latest / "run_spec.yaml"
-    return latest, run_spec_from_yaml(path.read_text(encoding="utf-8"), str(path))
+    path = latest / RUN_SPEC
+    return path, run_spec_from_yaml(path.read_text(encoding="utf-8"), str(path))
 
 
 def prepare_run(
@@ -51,8 +53,8 @@ def prepare_run(
             )
     else:
         run_dir = Path(resume_dir).resolve()
-        latest, spec = _saved_spec(run_dir)
-        spec_path = str(latest / "run_spec.yaml")  # what errors in it name
+        saved_file, spec = _saved_spec(run_dir)
+        spec_path = str(saved_file)  # what errors in it name
         # The run may have been moved or copied since it was saved: it continues where it is.
         spec = spec.model_copy(update={"run_dir": str(run_dir)})
         if overrides:
@@ -64,13 +66,13 @@ def prepare_run(
     has_checkpoint = latest_checkpoint(run_dir) is not None
     resuming = bool(resume_dir) or spec.resume or (auto_resume and has_checkpoint)
     if resuming:
-        latest, saved = _saved_spec(run_dir)
+        saved_file, saved = _saved_spec(run_dir)
         # A run keeps the start it was given. A branched run (init_from) stays one: the workers
         # resume it from its own latest checkpoint all the same, and its spec, saved again with
         # every checkpoint, must stay valid (init_from and resume: true cannot be combined).
         branched = saved.init_from is not None
         spec = spec.model_copy(update={"resume": not branched, "init_from": saved.init_from})
-        _check_changes(saved, spec, latest, allow_changed_spec)
+        _check_changes(saved, spec, saved_file.parent, allow_changed_spec)
     elif has_checkpoint:
         raise ConfigError(
             f"{run_dir} already holds checkpoints of a run: continue it with "
