@@ -462,7 +462,7 @@ def test_a_stop_while_the_driver_starts_up_reaches_it_once_it_listens(
 def test_jobs_with_consecutive_ids_use_different_ports(
     spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
 ) -> None:
-    ids = [7, 8, 9, 3999, 4000, 4001, 67_043_327]  # 67043327: Slurm's largest job id
+    ids = [7, 8, 9, 2999, 3000, 3001, 67_043_327]  # 67043327: Slurm's largest job id
     for job_id in ids:
         script_runs.append(ScriptRun(spec, tmp_path / str(job_id), job_id))
     ports = {}
@@ -471,8 +471,9 @@ def test_jobs_with_consecutive_ids_use_different_ports(
         head = run.calls()  # one srun: the head's `ray start` (the worker nodes' needs 2 nodes)
         assert head.count("srun ") == 1 and " --head " in head
         names = ("port", "dashboard-agent-listen-port", "metrics-export-port")
+        names += ("ray-client-server-port",)  # Ray's default, 10001, is the same for every head
         ports[job_id] = {int(re.search(rf" --{n}=(\d+)", head).group(1)) for n in names}
-        assert len(ports[job_id]) == 3 and all(20000 <= p < 32768 for p in ports[job_id])
+        assert len(ports[job_id]) == 4 and all(20000 <= p < 32768 for p in ports[job_id])
         assert f"Ray head 127.0.0.1:{min(ports[job_id])}" in run.output()
     for a, b in itertools.pairwise(ids):
         assert not ports[a] & ports[b], (a, b, ports)
