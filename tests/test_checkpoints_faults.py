@@ -283,6 +283,10 @@ CORRUPTIONS = {
         lambda p: write_payload(p / "optimizer.pt", p.parent / "pwned"),
         "optimizer.pt: not listed in manifest.json",
     ),
+    "symlinked dir": (
+        lambda p: (p / "extra").symlink_to(p.parent, target_is_directory=True),
+        "extra: not listed in manifest.json",
+    ),
 }
 
 

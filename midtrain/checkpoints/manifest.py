@@ -146,10 +146,12 @@ def check_files(ckpt_dir: Path, manifest: Manifest, *, hash_files: bool = True) 
 
 
 def unlisted_files(ckpt_dir: Path, manifest: Manifest) -> list[Path]:
+    """Files not in the manifest, and symlinked directories (not walked into, so whatever they
+    hold would go unseen)."""
     listed = set(manifest.files) | {MANIFEST}
     out = []
-    for root, _dirs, names in os.walk(ckpt_dir):
-        for n in names:
+    for root, dirs, names in os.walk(ckpt_dir):
+        for n in names + [d for d in dirs if (Path(root) / d).is_symlink()]:
             path = Path(root) / n
             if path.relative_to(ckpt_dir).as_posix() not in listed:
                 out.append(path)
