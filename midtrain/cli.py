@@ -217,15 +217,14 @@ def ckpt_prune(run_dir: str, keep_last: int | None, dry_run: bool) -> None:
     """Delete all but the newest N complete checkpoints (and those marked keep, and latest)."""
     from pathlib import Path
 
-    import yaml
-
     from midtrain.checkpoints import prune
+    from midtrain.config_io import load_yaml_mapping
 
     if keep_last is None:  # the run's own setting, from the spec the trainer saved in the run dir
         spec_file = Path(run_dir) / "run_spec.yaml"
         if not spec_file.is_file():
             raise MidtrainError(f"{spec_file}: not found; give --keep-last N")
-        saved = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
+        saved = load_yaml_mapping(spec_file)
         keep_last = (saved.get("checkpoint") or {}).get("keep_last")
         if not isinstance(keep_last, int) or keep_last < 1:
             raise MidtrainError(f"{spec_file}: no checkpoint.keep_last; give --keep-last N")
@@ -275,7 +274,13 @@ def schedule() -> None:
 @schedule.command("plot")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--out", default="lr_schedule.png", show_default=True, help="PNG to write")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="lr_schedule.png",
+    show_default=True,
+    help="PNG to write",
+)
 def schedule_plot(spec: str, overrides: tuple[str, ...], out: str) -> None:
     """Plot the learning rate over the run described by a run spec."""
     from midtrain.config import load_run_spec
@@ -622,6 +627,13 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        # A file the user named cannot be read or written (a directory, no permission, a full
+        # disk): one line naming it. Other OS errors keep their traceback.
+        if exc.filename is None or verbose():
+            raise
+        click.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from midtrain.config_io import (
     AbsPath,
+    Bool,
+    Float,
+    Int,
     StrictModel,
     apply_overrides,
     dump_yaml,
+    format_validation_error,
     load_yaml_mapping,
+    load_yaml_text,
     validate,
+    yaml_error_message,
 )
 from midtrain.data_mixing.mixture import MixtureConfig
 from midtrain.errors import ConfigError
@@ -29,18 +35,18 @@ from midtrain.training.schedule import ScheduleConfig
 class LlamaShape(StrictModel):
     """A Llama-family decoder (RMSNorm, SwiGLU, RoPE, grouped-query attention)."""
 
-    hidden_size: int = Field(gt=0)
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int | None = Field(default=None, gt=0, description="default: num_heads")
-    ffn_hidden_size: int = Field(gt=0)
-    vocab_size: int | None = Field(default=None, gt=0, description="default: the tokenizer's size")
-    max_position_embeddings: int | None = Field(
+    hidden_size: Int = Field(gt=0)
+    num_layers: Int = Field(gt=0)
+    num_heads: Int = Field(gt=0)
+    num_kv_heads: Int | None = Field(default=None, gt=0, description="default: num_heads")
+    ffn_hidden_size: Int = Field(gt=0)
+    vocab_size: Int | None = Field(default=None, gt=0, description="default: the tokenizer's size")
+    max_position_embeddings: Int | None = Field(
         default=None, gt=0, description="default: seq_length"
     )
-    rope_theta: float = Field(default=10000.0, gt=0)
-    rms_norm_eps: float = Field(default=1e-5, gt=0)
-    tie_embeddings: bool = False
+    rope_theta: Float = Field(default=10000.0, gt=0)
+    rms_norm_eps: Float = Field(default=1e-5, gt=0)
+    tie_embeddings: Bool = False
 
     @model_validator(mode="after")
     def _heads_divide(self) -> LlamaShape:
@@ -63,8 +69,8 @@ class ModelConfig(StrictModel):
         default=None, description="a midtrain checkpoint or HF model directory: shape and weights"
     )
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    compile: bool = False
-    activation_checkpointing: bool = False
+    compile: Bool = False
+    activation_checkpointing: Bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -79,15 +85,15 @@ class InitFromConfig(StrictModel):
     """Start a *new* run from a checkpoint's weights (and optionally its optimizer moments)."""
 
     checkpoint: AbsPath
-    load_optimizer: bool = False
+    load_optimizer: Bool = False
 
 
 class OptimizerConfig(StrictModel):
-    lr: float = Field(gt=0, description="peak learning rate")
-    weight_decay: float = Field(default=0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(default=1e-8, gt=0)
-    grad_clip: float | None = Field(default=1.0, gt=0)
+    lr: Float = Field(gt=0, description="peak learning rate")
+    weight_decay: Float = Field(default=0.1, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.95)
+    eps: Float = Field(default=1e-8, gt=0)
+    grad_clip: Float | None = Field(default=1.0, gt=0)
 
     @field_validator("betas")
     @classmethod
@@ -98,21 +104,27 @@ class OptimizerConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    global_batch_size: int = Field(gt=0, description="sequences per optimizer step, all workers")
-    micro_batch_size: int = Field(gt=0, description="sequences per forward pass on one worker")
-    max_steps: int = Field(gt=0)
-    seed: int = 1
+    global_batch_size: Int = Field(gt=0, description="sequences per optimizer step, all workers")
+    micro_batch_size: Int = Field(gt=0, description="sequences per forward pass on one worker")
+    max_steps: Int = Field(gt=0)
+    seed: Int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
-    zero_stage: int = Field(default=1, ge=0, le=3)
-    log_interval: int = Field(default=1, gt=0, description="a metrics record every N steps")
-    tensorboard: bool = False
-    deterministic: bool = Field(default=True, description="deterministic kernels (exact resume)")
+    zero_stage: Int = Field(default=1, ge=0, le=3)
+    log_interval: Int = Field(default=1, gt=0, description="a metrics record every N steps")
+    tensorboard: Bool = False
+    deterministic: Bool = Field(default=True, description="deterministic kernels (exact resume)")
     backend: Literal["deepspeed", "megatron"] = Field(
         default="deepspeed", description="deepspeed (HF model, ZeRO) or megatron (megatron-core)"
     )
 
     @model_validator(mode="after")
-    def _bf16_needs_zero(self) -> TrainConfig:
+    def _zero_stage(self) -> TrainConfig:
+        if self.backend == "megatron" and self.zero_stage != 1:
+            raise ValueError(
+                f"train.zero_stage ({self.zero_stage}) applies to the deepspeed backend only; the "
+                f"megatron backend always shards the optimizer state over the data-parallel ranks "
+                f"(megatron-core's distributed optimizer, like ZeRO 1): leave zero_stage out"
+            )
         # DeepSpeed's stage-0 bf16 optimizer keeps its fp32 copies apart from the parameters,
         # where midtrain's per-parameter checkpoint cannot find them.
         if self.backend == "deepspeed" and self.precision == "bf16" and self.zero_stage == 0:
@@ -127,12 +139,12 @@ class CheckpointConfig(StrictModel):
     # Saved every 1000 steps by default (OLMo-core's default; torchtitan's is 500): a run that a
     # crash or a lost node restarts must not fall back to its start. null: only at the end (and
     # when preempted).
-    interval: int | None = Field(
+    interval: Int | None = Field(
         default=1000, gt=0, description="save every N steps (and at the end); null: end only"
     )
-    keep_last: int = Field(default=3, gt=0)
-    keep_every: int | None = Field(default=None, gt=0, description="mark every Nth step `keep`")
-    async_save: bool = True
+    keep_last: Int = Field(default=3, gt=0)
+    keep_every: Int | None = Field(default=None, gt=0, description="mark every Nth step `keep`")
+    async_save: Bool = True
 
     @model_validator(mode="after")
     def _kept_steps_are_saved(self) -> CheckpointConfig:
@@ -150,29 +162,29 @@ class LaunchConfig(StrictModel):
     ray_address: str | None = Field(
         default=None, description="existing Ray cluster; default: local"
     )
-    max_failures: int = Field(default=0, ge=-1, description="worker restarts (-1: unlimited)")
-    cpus_per_worker: int = Field(default=1, gt=0)
-    use_gpu: bool | None = Field(default=None, description="default: when CUDA is available")
+    max_failures: Int = Field(default=0, ge=-1, description="worker restarts (-1: unlimited)")
+    cpus_per_worker: Int = Field(default=1, gt=0)
+    use_gpu: Bool | None = Field(default=None, description="default: when CUDA is available")
 
 
 class ParallelConfig(StrictModel):
     """Model parallelism (megatron backend): the rest of ``workers`` is data parallel."""
 
-    tensor: int = Field(default=1, gt=0, description="tensor-parallel size: GPUs per layer")
-    pipeline: int = Field(default=1, gt=0, description="pipeline-parallel stages")
+    tensor: Int = Field(default=1, gt=0, description="tensor-parallel size: GPUs per layer")
+    pipeline: Int = Field(default=1, gt=0, description="pipeline-parallel stages")
 
 
 class RunSpec(StrictModel):
     run_dir: AbsPath
     model: ModelConfig
     init_from: InitFromConfig | None = None
-    resume: bool = False
+    resume: Bool = False
     mixture: MixtureConfig
     optimizer: OptimizerConfig
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    workers: int = Field(
+    workers: Int = Field(
         default=1, gt=0, description="worker processes, one per GPU (data x tensor x pipeline)"
     )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
@@ -183,6 +195,11 @@ class RunSpec(StrictModel):
         if self.init_from is not None and self.resume:
             raise ValueError(
                 "init_from starts a new run and resume continues one: give one of them, not both"
+            )
+        if self.init_from is not None and self.model.from_checkpoint is not None:
+            raise ValueError(
+                "model.from_checkpoint and init_from both name the starting weights: give one "
+                "(init_from also keeps the checkpoint's LR for a re-warm and can load its optimizer)"
             )
         no_model = self.model.config is None and self.model.from_checkpoint is None
         if no_model and self.init_from is None:
@@ -269,23 +286,35 @@ EXACTNESS_KEYS = (
 )
 
 
-def _inline_mixture(data: dict[str, Any], source: str) -> None:
+def _inline_mixture(data: dict[str, Any], source: str) -> Path | None:
+    """Replace a mixture file's name by its contents; returns the file (None: inline already)."""
     mixture = data.get("mixture")
-    if isinstance(mixture, str):
-        path = Path(mixture).expanduser()
-        if not path.is_absolute():
-            # A mixture file named in a run spec is found next to the run spec first.
-            beside = Path(source).parent / path
-            path = beside if beside.exists() else path
-        data["mixture"] = load_yaml_mapping(path)
+    if not isinstance(mixture, str):
+        return None
+    path = Path(mixture).expanduser()
+    if not path.is_absolute():
+        # A mixture file named in a run spec is found next to the run spec first.
+        beside = Path(source).parent / path
+        path = beside if beside.exists() else path
+    data["mixture"] = load_yaml_mapping(path)
+    return path
 
 
 def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
     """Read a run spec, apply ``key.sub=value`` overrides, inline the mixture, validate."""
+    overrides = overrides or []
     data = load_yaml_mapping(path)
-    _inline_mixture(data, str(path))
-    apply_overrides(data, overrides or [])
-    return validate(RunSpec, data, str(path))
+    # `mixture=other.yaml` replaces the file before it is inlined; `mixture.x=...` edits it after.
+    whole = [o for o in overrides if o.partition("=")[0].strip() == "mixture"]
+    apply_overrides(data, whole)
+    mixture_file = _inline_mixture(data, str(path))
+    apply_overrides(data, [o for o in overrides if o not in whole])
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as exc:
+        # The mixture's own errors name its file (as `mix plan FILE` would).
+        sections = {"mixture": f"{path} (mixture from {mixture_file})"} if mixture_file else {}
+        raise ConfigError(format_validation_error(exc, str(path), sections)) from None
 
 
 def run_spec_from_yaml(text: str, source: str) -> RunSpec:
@@ -293,9 +322,9 @@ def run_spec_from_yaml(text: str, source: str) -> RunSpec:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml_text(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{source}{yaml_error_message(exc)}") from None
     return validate(RunSpec, data, source)
 
 

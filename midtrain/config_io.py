@@ -7,11 +7,12 @@ errors into one message per problem that names the file and the dotted key path.
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
 
 from midtrain.errors import ConfigError
 
@@ -19,6 +20,9 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _absolute(path: str) -> str:
+    # An empty path would silently become the current directory.
+    if not path.strip():
+        raise ValueError("an empty path")
     # Resolved once, at load time, so a job that runs elsewhere (Slurm, Ray) reads the same files.
     return os.path.abspath(os.path.expanduser(path))
 
@@ -27,10 +31,59 @@ AbsPath = Annotated[str, AfterValidator(_absolute)]
 """A filesystem path, made absolute against the current directory when the config is loaded."""
 
 
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+# YAML reads yes/no/true/false (and on/off) as booleans, which pydantic would take as 1 and 0 (and
+# a 1 as true): config numbers and flags are checked strictly. Floats stay lax otherwise, since
+# PyYAML reads `1e-3` (no dot) as a string.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, numbers are finite, values are
+    validated on assignment."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML's default: the last wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: the keys given beside it override the merged ones
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # SafeLoader's own error says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+
+
+def yaml_error_message(exc: yaml.YAMLError) -> str:
+    """``:LINE: not valid YAML: PROBLEM``, to follow a file name."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f":{mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{where}: not valid YAML: {problem}"
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -39,12 +92,9 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+        raise ConfigError(f"{path}{yaml_error_message(exc)}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     if data is None:
@@ -62,10 +112,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.path=value")
+    raw = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
+    if "#" in raw and (value is None or isinstance(value, str)) and raw[0] not in "'\"":
+        value = raw  # YAML would drop ` #...` as a comment: a plain string is taken as typed
     return key.split("."), value
 
 
@@ -99,9 +152,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(
+    exc: ValidationError, source: str, sections: dict[str, str] | None = None
+) -> str:
+    """One line per error: ``SOURCE: key.path: problem``; ``sections`` names another source for
+    the errors under a top-level key (a mixture read from its own file)."""
     lines = []
     for err in exc.errors():
+        where = (sections or {}).get(str(err["loc"][0]), source) if err["loc"] else source
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -115,7 +173,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             if len(shown) > 60:
                 shown = shown[:57] + "..."
             msg = f"{msg} (got {shown})"
-        lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
+        lines.append(f"{where}: {loc}: {msg}" if loc else f"{where}: {msg}")
     return "\n".join(lines)
 
 

@@ -84,7 +84,8 @@ def finite_json(obj: Any) -> Any:
 
 
 def short_count(n: float) -> str:
-    """A count in three significant figures: 950, 12.3k, 4.57M, 1.20B."""
+    """A count in three significant figures: 950, 12.3k, 4.57M, 1.2B."""
+    n = float(f"{n:.3g}")  # rounded first, so that 999_999 reads 1M, not 1e+03k
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{suffix}"

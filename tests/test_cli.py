@@ -247,6 +247,10 @@ def test_ckpt_show_keep_and_prune(tiny_run: Path) -> None:
     assert first.is_dir() and second.is_dir()
 
     assert midtrain_cli("ckpt", "keep", str(first), "--unset").returncode == 0
+    (tiny_run / "run_spec.yaml").write_text("checkpoint: {keep_last: 1\n")  # malformed
+    broken = midtrain_cli("ckpt", "prune", str(tiny_run))
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert broken.stderr.startswith(f"error: {tiny_run / 'run_spec.yaml'}:2: not valid YAML")
     (tiny_run / "run_spec.yaml").write_text(
         yaml.safe_dump({"run_dir": str(tiny_run), "checkpoint": {"keep_last": 1}})
     )
@@ -296,3 +300,23 @@ def test_schedule_plot_draws_the_run_specs_schedule(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"pretrain\.yaml: schedule\.kind: Input should be"):
         invoke("schedule", "plot", str(spec), "schedule.kind=bogus", "--out", str(bad))
     assert not bad.exists()
+
+
+def test_schedule_plot_to_a_path_it_cannot_write_is_one_line_naming_it(tmp_path: Path) -> None:
+    spec = str(Path(__file__).resolve().parents[1] / "examples" / "pretrain.yaml")
+    (tmp_path / "adir").mkdir()
+    into_dir = midtrain_cli("schedule", "plot", spec, "--out", str(tmp_path / "adir"))
+    assert into_dir.returncode == 2 and "is a directory" in into_dir.stderr
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "lr.png"  # its directory is a file
+    proc = midtrain_cli("schedule", "plot", spec, "--out", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {out}: "), proc.stderr
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "adir", tmp_path / "afile"]  # nothing left
+
+
+def test_short_counts_round_before_choosing_the_unit() -> None:
+    from midtrain.console import short_count
+
+    got = [short_count(n) for n in (950, 12_345, 999_499, 999_500, 999_999_999, 4_567_000)]
+    assert got == ["950", "12.3k", "999k", "1M", "1B", "4.57M"]

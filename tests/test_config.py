@@ -91,6 +91,17 @@ def test_resolved_yaml_round_trips(spec_file: Path) -> None:
         ("mixture.sources.0.weight=0", "mixture.sources.0.weight"),
         ("schedule.kind=step", "schedule.kind"),
         ("checkpoint.keep_every=7", "keep_every (7) must be a multiple of checkpoint.interval"),
+        # Numbers are finite, and YAML's booleans are not numbers (nor numbers booleans).
+        ("optimizer.lr=.inf", "optimizer.lr: Input should be a finite number"),
+        ("optimizer.weight_decay=.nan", "optimizer.weight_decay: Input should be a finite number"),
+        ("model.config.rope_theta=.inf", "model.config.rope_theta: Input should be a finite"),
+        ("optimizer.lr=true", "optimizer.lr: expected a number, got a boolean"),
+        ("train.seed=true", "train.seed: Input should be a valid integer"),
+        ("checkpoint.keep_last=yes", "checkpoint.keep_last: Input should be a valid integer"),
+        ("model.compile=1", "model.compile: Input should be a valid boolean"),
+        # An empty path is not the current directory.
+        ("run_dir=", "run_dir: an empty path"),
+        ("mixture.sources.0.path=", "mixture.sources.0.path.0: an empty path"),
     ],
 )
 def test_bad_values_name_the_key(spec_file: Path, override: str, message: str) -> None:
@@ -105,6 +116,50 @@ def test_init_from_and_resume_together_is_an_error(spec_file: Path) -> None:
         load_run_spec(spec_file, ["init_from.checkpoint=ckpt", "resume=true"])
 
 
+def test_model_from_checkpoint_and_init_from_together_is_an_error(spec_file: Path) -> None:
+    both = ["model.config=null", "model.from_checkpoint=a", "init_from.checkpoint=b"]
+    with pytest.raises(ConfigError, match="model.from_checkpoint and init_from both"):
+        load_run_spec(spec_file, both)
+    assert load_run_spec(spec_file, both[:2]).model.from_checkpoint == str(Path("a").resolve())
+
+
+def test_zero_stage_is_refused_with_the_megatron_backend(spec_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train.zero_stage \(3\) applies to the deepspeed"):
+        load_run_spec(spec_file, ["train.backend=megatron", "train.zero_stage=3"])
+
+
+def test_a_key_given_twice_is_an_error_naming_the_line(spec_file: Path) -> None:
+    text = spec_file.read_text().replace("optimizer:", "optimizer:\n  lr: 5.0", 1)
+    spec_file.write_text(text)
+    line = text.splitlines().index("  lr: 0.003") + 1
+    with pytest.raises(ConfigError, match=rf"run.yaml:{line}: not valid YAML: key 'lr' is given"):
+        load_run_spec(spec_file)
+    # In a saved spec too.
+    with pytest.raises(ConfigError, match="saved:2: not valid YAML: key 'a' is given twice"):
+        run_spec_from_yaml("a: 1\na: 2\n", "saved")
+
+
+def test_the_mixture_file_can_be_overridden_and_then_edited(spec_file: Path) -> None:
+    other = spec_file.parent / "other.yaml"
+    other.write_text(yaml.safe_dump({**MIXTURE, "seq_length": 16}))
+    spec = load_run_spec(spec_file, ["mixture.sources.1.weight=0.5", f"mixture={other}"])
+    assert spec.mixture.seq_length == 16 and spec.mixture.sources[1].weight == 0.5
+
+
+def test_errors_inside_a_mixture_file_name_that_file(spec_file: Path) -> None:
+    mixture = spec_file.parent / "mix.yaml"
+    bad = {**MIXTURE, "sources": [{**MIXTURE["sources"][0], "weight": -1}]}
+    mixture.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as err:
+        load_run_spec(spec_file)
+    assert str(err.value).startswith(f"{spec_file} (mixture from {mixture}): ")
+    assert "mixture.sources.0.weight: Input should be greater than 0" in str(err.value)
+    # Errors outside the mixture still name only the run spec.
+    with pytest.raises(ConfigError) as err:
+        load_run_spec(spec_file, ["optimizer.lr=0"])
+    assert str(err.value).splitlines()[1].startswith(f"{spec_file}: optimizer.lr: ")
+
+
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_run_spec(tmp_path / "absent.yaml")
@@ -116,6 +171,11 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_override_syntax() -> None:
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a.b=null") == (["a", "b"], None)
+    # YAML would drop ` #2` as a comment, and read `#x` as null: plain strings stay as typed.
+    assert parse_override("run_dir=runs/exp #2") == (["run_dir"], "runs/exp #2")
+    assert parse_override("a=#x") == (["a"], "#x")
+    assert parse_override("a='quoted #1'") == (["a"], "quoted #1")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_override("a.b")
     with pytest.raises(ConfigError, match="a is not a section"):

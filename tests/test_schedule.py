@@ -102,7 +102,7 @@ def test_constant_never_decays():
 
 
 def test_rewarm_starts_at_checkpoint_lr_reaches_peak_then_decays():
-    s = sched(kind="wsd", rewarm_steps=10, warmup_steps=50, decay_fraction=0.2, rewarm_from_lr=6e-4)
+    s = sched(kind="wsd", rewarm_steps=10, decay_fraction=0.2, rewarm_from_lr=6e-4)
     assert s.rewarm and s.warmup_steps == 10  # rewarm_steps replaces warmup_steps
     assert s.lr(0) == 6e-4
     assert s.lr(5) == pytest.approx(8e-4)
@@ -140,11 +140,12 @@ def test_single_step_runs():
 @st.composite
 def schedules(draw):
     kind = draw(st.sampled_from(["constant", "wsd", "cosine", "linear"]))
-    cfg = {"kind": kind, "warmup_start_ratio": draw(st.floats(0, 1))}
+    cfg: dict = {"kind": kind}
     if draw(st.booleans()):
         cfg["rewarm_steps"] = draw(st.integers(0, 300))
     else:
         cfg["warmup_steps"] = draw(st.integers(0, 300))
+        cfg["warmup_start_ratio"] = draw(st.floats(0, 1))
     if kind == "wsd":
         cfg["decay_fraction"] = draw(st.floats(0, 1))
         cfg["decay_shape"] = draw(st.sampled_from(["linear", "cosine", "1-sqrt"]))
@@ -196,6 +197,10 @@ def test_invariants(s):
         ({"kind": "cosine", "decay_shape": "1-sqrt"}, "decay_shape"),
         ({"kind": "linear", "decay_fraction": 0.5}, "decay_fraction"),
         ({"kind": "constant", "min_lr_ratio": 0.1}, "min_lr_ratio"),
+        ({"rewarm_steps": 5, "warmup_steps": 3}, "schedule.warmup_steps (3) is not used with"),
+        ({"rewarm_steps": 5, "warmup_start_ratio": 0.5}, "warmup_start_ratio (0.5) is not used"),
+        ({"warmup_steps": True}, "warmup_steps"),
+        ({"min_lr_ratio": float("nan")}, "min_lr_ratio"),
     ],
 )
 def test_invalid_configs_name_the_key(data, key):

@@ -6,13 +6,12 @@ of the run up to ``until`` (a fraction of the run); a stage without weights uses
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from midtrain.config_io import AbsPath, StrictModel, load_config
+from midtrain.config_io import AbsPath, Float, Int, StrictModel, load_config
 
 if TYPE_CHECKING:
     from midtrain.data_mixing.sampler import MixtureSampler
@@ -24,8 +23,8 @@ class SourceConfig(StrictModel):
     name: str = Field(pattern=SOURCE_NAME)
     kind: Literal["customer", "curated"]
     path: list[AbsPath] = Field(min_length=1, description="one or more prepared prefixes")
-    weight: float = Field(gt=0, allow_inf_nan=False)
-    max_epochs: float | None = Field(default=None, gt=0, description="repetition cap")
+    weight: Float = Field(gt=0)
+    max_epochs: Float | None = Field(default=None, gt=0, description="repetition cap")
 
     @field_validator("path", mode="before")
     @classmethod
@@ -34,23 +33,23 @@ class SourceConfig(StrictModel):
 
 
 class StageConfig(StrictModel):
-    until: float = Field(gt=0, le=1, description="end of the stage, as a fraction of the run")
-    weights: dict[str, float] | None = None
+    until: Float = Field(gt=0, le=1, description="end of the stage, as a fraction of the run")
+    weights: dict[str, Float] | None = None
 
     @field_validator("weights")
     @classmethod
     def _positive(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None:
             for name, w in value.items():
-                if not 0 < w < math.inf:
+                if w <= 0:  # infinite and NaN weights are refused by the type
                     raise ValueError(f"weight of {name!r} must be a positive number, got {w}")
         return value
 
 
 class MixtureConfig(StrictModel):
-    seq_length: int = Field(gt=0)
-    tokens: int | None = Field(default=None, gt=0, description="length of the run in tokens")
-    seed: int = 0
+    seq_length: Int = Field(gt=0)
+    tokens: Int | None = Field(default=None, gt=0, description="length of the run in tokens")
+    seed: Int = 0
     sources: list[SourceConfig] = Field(min_length=1)
     stages: list[StageConfig] = Field(default_factory=list)
     # The file this mixture was read from (for error messages); not part of the config.

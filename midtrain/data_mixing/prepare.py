@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field
 
 from midtrain import console
-from midtrain.config_io import AbsPath, StrictModel
+from midtrain.config_io import AbsPath, Bool, Float, Int, StrictModel
 from midtrain.data_mixing.indexed import IndexedWriter, token_dtype
 from midtrain.data_mixing.readers import (
     RawBatch,
@@ -58,16 +58,16 @@ class PrepareConfig(StrictModel):
     tokenizer: AbsPath = Field(description="a local HF tokenizer directory")
     output: AbsPath = Field(description="PREFIX: writes PREFIX.bin/.idx/.stats.json")
     text_field: str = Field(default="text", min_length=1, description="jsonl/parquet text field")
-    num_proc: int | None = Field(
+    num_proc: Int | None = Field(
         default=None,
         ge=1,
         description="tokenizer worker processes; 1: in this process, with the tokenizer's own "
         "threads; default: one per CPU, or 1 on machines with 2 CPUs or fewer",
     )
-    holdout_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    strict: bool = Field(default=False, description="fail on the first malformed record")
-    paragraphs: bool = Field(default=False, description="one document per .txt paragraph")
-    batch_size: int = Field(default=1000, ge=1, description="records per tokenizer call")
+    holdout_fraction: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    strict: Bool = Field(default=False, description="fail on the first malformed record")
+    paragraphs: Bool = Field(default=False, description="one document per .txt paragraph")
+    batch_size: Int = Field(default=1000, ge=1, description="records per tokenizer call")
 
 
 # --- the holdout split --------------------------------------------------------------------------

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from midtrain import console
 from midtrain.checkpoints import (
     Checkpoint,
@@ -25,7 +23,7 @@ from midtrain.checkpoints import (
 )
 from midtrain.checkpoints.layout import CHECKPOINTS_DIR, MANIFEST, RUN_SPEC
 from midtrain.checkpoints.manifest import read_manifest
-from midtrain.config_io import validate
+from midtrain.config_io import load_yaml_mapping, validate
 from midtrain.data_mixing.mixture import MixtureConfig, load_mixture
 from midtrain.data_mixing.tokenizer import load_tokenizer
 from midtrain.errors import CheckpointError, ConfigError, MidtrainError
@@ -129,12 +127,7 @@ def run_spec_data(target: Target) -> tuple[dict[str, Any], str] | None:
         candidates.append(target.run_dir / RUN_SPEC)
     for path in candidates:
         if path.is_file():
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-            if isinstance(data, dict):
-                return data, str(path)
+            return load_yaml_mapping(path), str(path)
     return None
 
 

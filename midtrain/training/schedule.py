@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from midtrain.config_io import StrictModel
+from midtrain.config_io import Float, Int, StrictModel
 from midtrain.errors import ConfigError
 from midtrain.fileio import atomic_write_bytes
 
@@ -61,18 +61,18 @@ class ScheduleConfig(StrictModel):
         description="wsd: warmup, constant, decay over the last decay_fraction; cosine/linear: "
         "warmup then decay over the whole rest; constant: warmup then constant",
     )
-    warmup_steps: int = Field(default=0, ge=0, description="linear warmup to the peak")
-    warmup_start_ratio: float = Field(
+    warmup_steps: Int = Field(default=0, ge=0, description="linear warmup to the peak")
+    warmup_start_ratio: Float = Field(
         default=0.0, ge=0, le=1, description="LR at step 0 as a fraction of the peak"
     )
-    decay_fraction: float = Field(
+    decay_fraction: Float = Field(
         default=0.2, ge=0, le=1, description="wsd: the decay spans this fraction of the run"
     )
     decay_shape: DecayShape = Field(default="linear", description="wsd: the decay's shape")
-    min_lr_ratio: float = Field(
+    min_lr_ratio: Float = Field(
         default=0.0, ge=0, le=1, description="LR at the last step as a fraction of the peak"
     )
-    rewarm_steps: int | None = Field(
+    rewarm_steps: Int | None = Field(
         default=None,
         ge=0,
         description="re-warm linearly from the start checkpoint's LR to the peak over this "
@@ -83,17 +83,20 @@ class ScheduleConfig(StrictModel):
     def _no_ignored_settings(self) -> ScheduleConfig:
         # A value the chosen kind would silently ignore is almost always a mistake.
         defaults = {name: f.default for name, f in type(self).model_fields.items()}
-        ignored = []
+        ignored = []  # (setting, why it is unused)
+        by_kind = f"is not used by kind {self.kind!r}: remove it or change kind"
         if self.kind != "wsd":
-            ignored += ["decay_fraction", "decay_shape"]
+            ignored += [("decay_fraction", by_kind), ("decay_shape", by_kind)]
         if self.kind == "constant":
-            ignored.append("min_lr_ratio")
-        for name in ignored:
+            ignored.append(("min_lr_ratio", by_kind))
+        if self.rewarm_steps is not None:
+            by_rewarm = (
+                "is not used with rewarm_steps (the re-warm replaces the warmup): remove one"
+            )
+            ignored += [("warmup_steps", by_rewarm), ("warmup_start_ratio", by_rewarm)]
+        for name, why in ignored:
             if getattr(self, name) != defaults[name]:
-                raise ValueError(
-                    f"{name} ({getattr(self, name)!r}) is not used by kind {self.kind!r}: "
-                    f"remove it or change kind"
-                )
+                raise ValueError(f"schedule.{name} ({getattr(self, name)!r}) {why}")
         return self
 
     def steps_error(self, total_steps: int) -> str | None:
