@@ -219,13 +219,17 @@ class RunSpec(StrictModel):
                 f"{key}: applies to the deepspeed backend's HF model only; the megatron backend "
                 f"uses megatron-core's own kernels (Transformer Engine when installed)"
             )
-        if self.model.config is not None and (
+        shape = self.model.config
+        if shape is not None and (
             problem := shape_problem(
                 par.tensor,
                 par.pipeline,
-                self.model.config.num_heads,
-                self.model.config.num_kv_heads or self.model.config.num_heads,
-                self.model.config.num_layers,
+                {
+                    "num_heads": shape.num_heads,
+                    "num_kv_heads": shape.num_kv_heads or shape.num_heads,
+                    "ffn_hidden_size": shape.ffn_hidden_size,
+                },
+                {"num_layers": shape.num_layers},
             )
         ):
             raise ValueError(problem)

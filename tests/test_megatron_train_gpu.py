@@ -66,6 +66,7 @@ def spec_file(
     run: str,
     workers: int = 1,
     parallel: dict[str, int] | None = None,
+    grad_clip: float | None = 1.0,
     **train: Any,
 ) -> Path:
     spec = {
@@ -89,7 +90,7 @@ def spec_file(
                 },
             ],
         },
-        "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "grad_clip": 1.0},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "grad_clip": grad_clip},
         "schedule": {"kind": "cosine", "warmup_steps": 2},
         "train": {
             "global_batch_size": 8,
@@ -160,6 +161,18 @@ def test_continued_pretraining_from_hf_learns_and_saves_hf_weights(megatron_run:
     keys = set(ckpt.optimizer_keys())
     for name, _ in model.named_parameters():
         assert {f"{name}/master", f"{name}/exp_avg", f"{name}/exp_avg_sq"} <= keys, name
+
+
+def test_grad_norm_is_measured_without_clipping(
+    megatron_run: Any, prepared_corpora: dict[str, Path], hf_dir: Path
+) -> None:
+    # Megatron measures the norm only when it clips (and reports 0.0 otherwise). The first step's
+    # gradient is the same with or without clipping: so is its norm.
+    tmp, _, records = megatron_run
+    spec = spec_file(tmp, prepared_corpora, hf_dir, "no_clip", grad_clip=None, max_steps=3)
+    unclipped = run(spec)
+    assert unclipped[0]["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-5)
+    assert all(r["grad_norm"] > 0 for r in unclipped)
 
 
 def test_resume_is_exact(megatron_run: Any) -> None:

@@ -94,6 +94,10 @@ def test_workers_must_fill_whole_model_replicas(spec_file: Path) -> None:
         (["parallel.tensor=8", "model.config.num_heads=4"], "model.config.num_heads (4)"),
         (["parallel.tensor=4"], "parallel.tensor (4) must divide model.config.num_kv_heads (2)"),
         (["parallel.pipeline=8"], "parallel.pipeline (8) must divide model.config.num_layers (4)"),
+        (
+            ["parallel.tensor=2", "model.config.ffn_hidden_size=175"],
+            "parallel.tensor (2) must divide model.config.ffn_hidden_size (175)",
+        ),
     ],
 )
 def test_sizes_must_divide_the_model_shape(
@@ -161,14 +165,111 @@ def test_changing_backend_or_parallel_layout_breaks_exact_resume() -> None:
 
 def test_checkpoint_shapes_are_checked_by_name() -> None:
     config = transformers.LlamaConfig(
-        hidden_size=64, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=176,
     )
-    check_model_fits(2, 3, config, "ckpt/config.json")  # fits: no error
+    where = "ckpt/config.json"
+    check_model_fits(2, 3, config, where, 32)  # fits: no error
     with pytest.raises(
-        ConfigError, match=r"parallel.tensor \(4\) must divide ckpt/config.json.num_kv_heads \(2\)"
+        ConfigError,
+        match=r"parallel.tensor \(4\) must divide ckpt/config.json: num_key_value_heads \(2\)",
     ):
-        check_model_fits(4, 1, config, "ckpt/config.json")
+        check_model_fits(4, 1, config, where, 32)
     with pytest.raises(
-        ConfigError, match=r"parallel.pipeline \(4\) must divide .*num_layers \(6\)"
+        ConfigError, match=r"parallel.pipeline \(4\) must divide .*: num_hidden_layers \(6\)"
     ):
-        check_model_fits(1, 4, config, "ckpt/config.json")
+        check_model_fits(1, 4, config, where, 32)
+    config.intermediate_size = 175  # the MLP's width is split over the tensor-parallel ranks
+    with pytest.raises(ConfigError, match=r"must divide ckpt/config.json: intermediate_size"):
+        check_model_fits(2, 1, config, where, 32)
+
+
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (transformers.GPT2Config(), "model_type 'gpt2': the megatron converter handles"),
+        (
+            transformers.LlamaConfig(
+                **SMALL, rope_parameters={"rope_type": "linear", "factor": 2.0}
+            ),
+            "rope_type 'linear': the megatron backend supports plain RoPE only",
+        ),
+        (
+            transformers.LlamaConfig(**SMALL, rope_theta=10000.5),
+            "rope_theta 10000.5: the megatron backend needs an integer",
+        ),
+        (
+            transformers.MistralConfig(**SMALL, sliding_window=16),
+            "sliding_window (16) is shorter than mixture.seq_length (32)",
+        ),
+        (
+            transformers.Qwen2Config(
+                **SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=2
+            ),
+            "sliding_window (8) is shorter than mixture.seq_length (32)",
+        ),
+    ],
+)
+def test_models_megatron_cannot_express_are_refused_naming_the_file(
+    config: transformers.PretrainedConfig, message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        check_model_fits(1, 1, config, "ckpt/config.json", 32)
+    assert str(err.value).startswith("ckpt/config.json: ") and message in str(err.value)
+
+
+def test_windows_that_cover_the_sequence_are_fine() -> None:
+    check_model_fits(1, 1, transformers.MistralConfig(**SMALL, sliding_window=32), "c", 32)
+    check_model_fits(1, 1, transformers.MistralConfig(**SMALL, sliding_window=None), "c", 32)
+    check_model_fits(1, 1, transformers.Qwen2Config(**SMALL, use_sliding_window=False), "c", 32)
+
+
+def test_the_driver_checks_a_checkpoints_model_before_any_worker_starts(
+    tmp_path: Path, prepared_corpora: dict[str, Path]
+) -> None:
+    from midtrain.training.checkpointing import check_start
+
+    hf = tmp_path / "hf"
+    config = transformers.LlamaConfig(**SMALL, intermediate_size=96, vocab_size=512)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf)
+    spec_file = tmp_path / "run.yaml"
+    data = {
+        **SPEC,
+        "run_dir": str(tmp_path / "run"),
+        "model": {"from_checkpoint": str(hf), "tokenizer": str(prepared_corpora["tokenizer"])},
+        "mixture": {
+            **SPEC["mixture"],
+            "sources": [
+                {**SPEC["mixture"]["sources"][0], "path": [str(prepared_corpora["legal"])]}
+            ],
+        },
+        "workers": 1,
+        "train": {**SPEC["train"], "global_batch_size": 2},
+    }
+    spec_file.write_text(yaml.safe_dump(data))
+    spec = load_run_spec(spec_file)
+    check_start(spec, resuming=False)  # the deepspeed backend: no megatron rules
+    # The megatron backend cannot load on a machine without CUDA; its rules do not need one.
+    megatron = spec.model_copy(
+        update={
+            "train": spec.train.model_copy(update={"backend": "megatron"}),
+            "parallel": spec.parallel.model_copy(update={"tensor": 8}),
+            "workers": 8,
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        check_start(megatron, resuming=False)
+    assert f"parallel.tensor (8) must divide {hf}/config.json: num_attention_heads (4)" in str(
+        err.value
+    )

@@ -94,36 +94,78 @@ class GPTShape:
         return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
 
     @classmethod
-    def from_hf_config(cls, config: Any) -> GPTShape:
-        """The shape of a ``transformers`` Llama/Mistral/Qwen2/Qwen3 config (or its dict)."""
-        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+    def from_hf_config(cls, config: Any, where: str = "config.json") -> GPTShape:
+        """The shape of a ``transformers`` Llama/Mistral/Qwen2/Qwen3 config (or its dict);
+        ``where`` (the config's file) starts the error of a model it cannot express."""
+        get = _getter(config)
         model_type = get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
-                f"model_type {model_type!r}: the megatron converter handles "
+                f"{where}: model_type {model_type!r}: the megatron converter handles "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         # Biases megatron's GPTModel can only express together with MLP biases: refused rather
         # than converted wrongly.
         if model_type in ("llama", "mistral") and get("attention_bias", False):
-            raise CheckpointError(f"{model_type} with attention_bias is not supported")
+            raise CheckpointError(f"{where}: {model_type} with attention_bias is not supported")
         if get("mlp_bias", False):
-            raise CheckpointError("mlp_bias is not supported")
+            raise CheckpointError(f"{where}: mlp_bias is not supported")
         if get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"hidden_act {get('hidden_act')!r}: only silu (SwiGLU)")
+            raise CheckpointError(f"{where}: hidden_act {get('hidden_act')!r}: only silu (SwiGLU)")
         heads = get("num_attention_heads")
-        return cls(
-            num_layers=get("num_hidden_layers"),
-            hidden_size=get("hidden_size"),
-            num_heads=heads,
-            num_kv_heads=get("num_key_value_heads") or heads,
-            head_dim=get("head_dim") or get("hidden_size") // heads,
-            ffn_hidden_size=get("intermediate_size"),
-            vocab_size=get("vocab_size"),
-            tie_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2",
-            qk_norm=model_type == "qwen3",
+        try:
+            return cls(
+                num_layers=get("num_hidden_layers"),
+                hidden_size=get("hidden_size"),
+                num_heads=heads,
+                num_kv_heads=get("num_key_value_heads") or heads,
+                head_dim=get("head_dim") or get("hidden_size") // heads,
+                ffn_hidden_size=get("intermediate_size"),
+                vocab_size=get("vocab_size"),
+                tie_embeddings=bool(get("tie_word_embeddings", False)),
+                qkv_bias=model_type == "qwen2",
+                qk_norm=model_type == "qwen3",
+            )
+        except ValueError as exc:  # e.g. num_heads not a multiple of num_kv_heads
+            raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _getter(config: Any) -> Any:
+    """``get(key, default)`` over an HF config object or its ``config.json`` dict."""
+    return config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+
+
+def rope_base(config: Any, where: str = "config.json") -> int:
+    """RoPE base of an HF config. Scaled RoPE variants (llama3, yarn, ...) are refused because
+    megatron's ``GPTModel`` would compute different frequencies, and so is a fractional base
+    (``GPTModel`` takes an integer one)."""
+    get = _getter(config)
+    params = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(
+            f"{where}: rope_type {rope_type!r}: the megatron backend supports plain RoPE only"
         )
+    theta = params.get("rope_theta", get("rope_theta"))
+    theta = 10000.0 if theta is None else float(theta)
+    if not theta.is_integer() or theta <= 0:
+        raise CheckpointError(f"{where}: rope_theta {theta}: the megatron backend needs an integer")
+    return int(theta)
+
+
+def sliding_window_problem(config: Any, seq_length: int, where: str = "config.json") -> str | None:
+    """Megatron's ``GPTModel`` attends over the whole sequence: a sliding window that is shorter
+    than the sequence (Mistral's, Qwen2's ``use_sliding_window``) would train another model."""
+    get = _getter(config)
+    window, layer_types = get("sliding_window"), get("layer_types")
+    windowed = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    if windowed and window < seq_length:
+        return (
+            f"{where}: sliding_window ({window}) is shorter than mixture.seq_length "
+            f"({seq_length}), and the megatron backend attends over the whole sequence: use the "
+            f"deepspeed backend, or a seq_length of at most {window}"
+        )
+    return None
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_MULTIPLE) -> int:

@@ -34,6 +34,7 @@ from midtrain.data_mixing.stats import load_stats
 from midtrain.data_mixing.tokenizer import load_tokenizer, tokenizer_fingerprint
 from midtrain.errors import CheckpointError, ConfigError
 from midtrain.training.model import build_model, check_same_shape, llama_config, load_hf_config
+from midtrain.training.parallel import check_model_fits
 
 if TYPE_CHECKING:  # backend.py imports this module
     from midtrain.training.backend import Backend
@@ -52,6 +53,11 @@ class StartPoint:
     optimizer_step: int = 0
     resume_state: dict[str, Any] | None = None
     seed: int = 0
+
+    @property
+    def config_file(self) -> str:
+        """Where the model's shape comes from, for error messages."""
+        return self.source if self.kind == "config" else f"{self.source}/config.json"
 
     def build_model(self, attn_implementation: str | None = None) -> transformers.PreTrainedModel:
         model = build_model(self.hf_config, self.seed, attn_implementation)
@@ -167,6 +173,11 @@ def check_start(spec: RunSpec, resuming: bool) -> StartPoint:
     if not resuming and latest_checkpoint(spec.run_dir) is not None:
         raise ConfigError(f"{spec.run_dir} already holds checkpoints of a run")
     start = resolve_start(spec)
+    if spec.train.backend == "megatron":  # here, not after every worker has set up its GPU
+        par = spec.parallel
+        check_model_fits(
+            par.tensor, par.pipeline, start.hf_config, start.config_file, spec.mixture.seq_length
+        )
     if start.tokenizer_dir is None or not Path(start.tokenizer_dir).is_dir():
         raise ConfigError(f"model.tokenizer: {start.tokenizer_dir}: no such directory")
     fingerprint = tokenizer_fingerprint(start.tokenizer_dir)

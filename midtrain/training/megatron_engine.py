@@ -20,6 +20,7 @@ then pipeline stages, so global rank 0 is stage 0's first tensor- and data-paral
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -85,7 +86,7 @@ class MegatronBackend:
         self.data_rank = parallel_state.get_data_parallel_rank()
         self.data_world = parallel_state.get_data_parallel_world_size()
         self.hf_config = start.hf_config
-        check_model_fits(tp, pp, self.hf_config, start.source)
+        check_model_fits(tp, pp, self.hf_config, start.config_file, spec.mixture.seq_length)
         layer_spec: LayerSpec = "te" if have_transformer_engine() else "local"
         self.conv = RankConversion.from_parallel_state(self.hf_config, layer_spec)
         self.dtype = torch.bfloat16 if spec.train.precision == "bf16" else torch.float32
@@ -119,7 +120,9 @@ class MegatronBackend:
                 adam_beta1=opt.betas[0],
                 adam_beta2=opt.betas[1],
                 adam_eps=opt.eps,
-                clip_grad=opt.grad_clip or 0.0,
+                # Megatron measures the gradient norm only to clip it (and reports 0.0 when it
+                # does not): an infinite threshold measures it and never clips.
+                clip_grad=math.inf if opt.grad_clip is None else opt.grad_clip,
                 bf16=self.dtype == torch.bfloat16,
                 params_dtype=self.dtype,
                 use_distributed_optimizer=True,

@@ -32,7 +32,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from midtrain import console
-from midtrain.checkpoints.megatron_convert import GPTShape, LayerSpec
+from midtrain.checkpoints.megatron_convert import GPTShape, LayerSpec, rope_base
 from midtrain.errors import CheckpointError, ConfigError
 
 
@@ -106,19 +106,6 @@ class SDPACoreAttention(MegatronModule):
             enable_gqa=k.shape[1] != q.shape[1],
         )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
-
-
-def rope_theta(hf_config: Any) -> float:
-    """RoPE base of an HF config; scaled RoPE variants (llama3, yarn, ...) are refused because
-    megatron's ``GPTModel`` would compute different frequencies."""
-    params = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(
-            f"rope_type {rope_type!r}: the megatron backend supports plain RoPE only (for now)"
-        )
-    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
 
 
 def transformer_config(
@@ -229,7 +216,7 @@ def build_gpt_model(
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=shape.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(rope_theta(hf_config)),
+        rotary_base=rope_base(hf_config),
     )
     if torch.cuda.is_available():
         # The local spec's torch RMSNorm is created on the CPU in fp32 whatever the config says

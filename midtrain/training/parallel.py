@@ -7,14 +7,15 @@ tensor and pipeline sizes above 1 need the megatron backend.
 
 Each rule returns a message that names the run-spec keys involved, or None; ``RunSpec`` turns the
 first one into a ``ConfigError`` when the spec is loaded, before anything starts. Shapes known
-only from a checkpoint are checked by ``check_model_fits`` when the model config is read.
+only from a checkpoint are checked by ``check_model_fits``, in the driver before any worker starts
+(``check_start``) and again in each worker.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from midtrain.errors import ConfigError
+from midtrain.errors import CheckpointError, ConfigError
 
 BACKENDS = ("deepspeed", "megatron")
 
@@ -41,33 +42,53 @@ def layout_problem(
 def shape_problem(
     tensor: int,
     pipeline: int,
-    num_heads: int,
-    num_kv_heads: int,
-    num_layers: int,
-    where: str = "model.config",
+    split_by_tensor: dict[str, int],
+    split_by_pipeline: dict[str, int],
+    where: str = "model.config.",
 ) -> str | None:
+    """The first size its parallel dimension does not divide; ``where`` prefixes the key names
+    (``model.config.`` or ``DIR/config.json: ``)."""
     # Each tensor-parallel rank holds whole query groups (its query heads with their key/value
-    # head), which is how the weight converter shards the fused QKV matrix.
-    if num_heads % tensor:
-        return f"parallel.tensor ({tensor}) must divide {where}.num_heads ({num_heads})"
-    if num_kv_heads % tensor:
-        return f"parallel.tensor ({tensor}) must divide {where}.num_kv_heads ({num_kv_heads})"
-    if num_layers % pipeline:
-        return f"parallel.pipeline ({pipeline}) must divide {where}.num_layers ({num_layers})"
+    # head), which is how the weight converter shards the fused QKV matrix, and an equal slice of
+    # the MLP's width; each pipeline stage holds as many layers as the others.
+    for key, size in split_by_tensor.items():
+        if size % tensor:
+            return f"parallel.tensor ({tensor}) must divide {where}{key} ({size})"
+    for key, size in split_by_pipeline.items():
+        if size % pipeline:
+            return f"parallel.pipeline ({pipeline}) must divide {where}{key} ({size})"
     return None
 
 
-def check_model_fits(tensor: int, pipeline: int, hf_config: Any, where: str) -> None:
-    """``shape_problem`` for a model whose shape comes from a checkpoint's HF config."""
+def check_model_fits(
+    tensor: int, pipeline: int, hf_config: Any, where: str, seq_length: int
+) -> None:
+    """For a model whose shape comes from a checkpoint's HF config (``where``: that file): the
+    parallel layout fits it, and the megatron backend can express it (model type, RoPE, no
+    sliding window shorter than the sequence). Raises ``ConfigError`` naming the file's keys."""
+    from midtrain.checkpoints.megatron_convert import (
+        GPTShape,
+        rope_base,
+        sliding_window_problem,
+    )
+
+    try:
+        GPTShape.from_hf_config(hf_config, where)
+        rope_base(hf_config, where)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     heads = hf_config.num_attention_heads
     problem = shape_problem(
         tensor,
         pipeline,
-        heads,
-        getattr(hf_config, "num_key_value_heads", None) or heads,
-        hf_config.num_hidden_layers,
-        where,
-    )
+        {
+            "num_attention_heads": heads,
+            "num_key_value_heads": getattr(hf_config, "num_key_value_heads", None) or heads,
+            "intermediate_size": hf_config.intermediate_size,
+        },
+        {"num_hidden_layers": hf_config.num_hidden_layers},
+        f"{where}: ",
+    ) or sliding_window_problem(hf_config, seq_length, where)
     if problem:
         raise ConfigError(problem)
 
