@@ -233,6 +233,12 @@ def test_windows_that_cover_the_sequence_are_fine() -> None:
     check_model_fits(1, 1, transformers.MistralConfig(**SMALL, sliding_window=32), "c", 32)
     check_model_fits(1, 1, transformers.MistralConfig(**SMALL, sliding_window=None), "c", 32)
     check_model_fits(1, 1, transformers.Qwen2Config(**SMALL, use_sliding_window=False), "c", 32)
+    # A window that no layer uses (Qwen2's first max_window_layers layers attend fully).
+    all_full = transformers.Qwen2Config(
+        **SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=4
+    )
+    assert all_full.sliding_window == 8 and "sliding_attention" not in all_full.layer_types
+    check_model_fits(1, 1, all_full, "c", 32)
 
 
 def test_the_driver_checks_a_checkpoints_model_before_any_worker_starts(
