@@ -107,7 +107,8 @@ def test_rewarm_starts_at_checkpoint_lr_reaches_peak_then_decays():
     assert s.lr(0) == 6e-4
     assert s.lr(5) == pytest.approx(8e-4)
     assert s.lr(10) == PEAK
-    assert s.phase(9) == "warmup" and s.phase(10) == "stable"
+    assert s.phase(9) == "rewarm" and s.phase(10) == "stable"  # as checkpoints record it
+    assert s.segments()[0] == ("rewarm", 0, 10)
     assert s.phase(80) == "decay" and s.lr(99) == 0.0
 
 
@@ -178,7 +179,7 @@ def test_invariants(s):
     # segments() and phase() agree, and cover the run in order
     from_segments = [p for p, a, b in s.segments() for _ in range(a, b)]
     assert from_segments == phases
-    assert phases == sorted(phases, key=["warmup", "stable", "decay"].index)
+    assert phases == sorted(phases, key=["warmup", "rewarm", "stable", "decay"].index)
 
 
 # --- validation --------------------------------------------------------------------------------

@@ -406,7 +406,7 @@ def test_branch_rewarms_and_draws_the_planned_proportions(
     assert [r["lr"] for r in records] == [expected.lr(s) for s in range(steps)]
     assert records[0]["lr"] == pytest.approx(start.manifest.lr)  # re-warm starts where it was
     assert records[rewarm]["lr"] == pytest.approx(2e-3)
-    assert {r["phase"] for r in records[:rewarm]} == {"warmup"}
+    assert {r["phase"] for r in records[:rewarm]} == {"rewarm"}
 
     from midtrain.config import load_run_spec, run_spec_from_yaml
 

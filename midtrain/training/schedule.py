@@ -41,7 +41,7 @@ from midtrain.fileio import atomic_write_bytes
 
 Kind = Literal["constant", "wsd", "cosine", "linear"]
 DecayShape = Literal["linear", "cosine", "1-sqrt"]
-Phase = Literal["warmup", "stable", "decay"]
+Phase = Literal["warmup", "rewarm", "stable", "decay"]
 
 # Decay shapes: progress p in [0, 1] -> fraction of (peak - min) still left; 1 at p=0, 0 at p=1.
 _DECAY: dict[str, Callable[[float], float]] = {
@@ -205,16 +205,17 @@ class LRSchedule:
         return min(self.peak_lr, self.min_lr + (self.peak_lr - self.min_lr) * left)
 
     def phase(self, step: int) -> Phase:
-        """The phase of optimizer step ``step``: warmup (re-warm included), stable or decay."""
+        """The phase of optimizer step ``step``: warmup (rewarm, from a start checkpoint's LR),
+        stable or decay."""
         self._check(step)
         if step < self.warmup_steps:
-            return "warmup"
+            return self._warmup_phase
         return "stable" if step < self.decay_start else "decay"
 
     def segments(self) -> list[tuple[Phase, int, int]]:
         """The non-empty phases in order, as (phase, first step, end step exclusive)."""
-        bounds = [
-            ("warmup", 0, self.warmup_steps),
+        bounds: list[tuple[Phase, int, int]] = [
+            (self._warmup_phase, 0, self.warmup_steps),
             ("stable", self.warmup_steps, self.decay_start),
             ("decay", self.decay_start, self.total_steps),
         ]
@@ -247,12 +248,21 @@ class LRSchedule:
             if saved.get(key, object()) != value
         ]
 
+    @property
+    def _warmup_phase(self) -> Phase:
+        return "rewarm" if self.rewarm else "warmup"
+
     def _check(self, step: int) -> None:
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} is outside the run's steps [0, {self.total_steps})")
 
 
-_PHASE_COLOURS = {"warmup": "tab:orange", "stable": "tab:green", "decay": "tab:blue"}
+_PHASE_COLOURS = {
+    "warmup": "tab:orange",
+    "rewarm": "tab:orange",
+    "stable": "tab:green",
+    "decay": "tab:blue",
+}
 
 
 def plot_schedule(
@@ -286,7 +296,7 @@ def plot_schedule(
     for phase, a, b in schedule.segments():
         if a >= n:
             break
-        label = "re-warm" if phase == "warmup" and schedule.rewarm else phase
+        label = "re-warm" if phase == "rewarm" else phase
         ax.axvspan(a, min(b, n), color=_PHASE_COLOURS[phase], alpha=0.15, lw=0, label=label)
     ax.plot(xs, ys, color="black", lw=1.5)
     if schedule.rewarm and schedule.warmup_steps > 0:
