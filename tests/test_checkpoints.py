@@ -446,7 +446,9 @@ def test_retention_never_lets_a_damaged_checkpoint_cost_an_intact_one(tmp_path: 
 # --- catalog ------------------------------------------------------------------------------------
 
 
-def test_catalog_lists_runs_newest_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_catalog_lists_runs_newest_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = tiny_llama()
     with CheckpointSaver(tmp_path / "root/a", log=None) as saver:
         save(saver, model, 10, phase="stable")
@@ -478,6 +480,15 @@ def test_catalog_lists_runs_newest_last(tmp_path: Path, capsys: pytest.CaptureFi
     out = json.loads(capsys.readouterr().out)
     assert out["step"] == d["step"] == 20 and "model.safetensors" in out["files"]
     assert describe_checkpoint(tmp_path / "root/b")["trainer_state"]["step"] == 5
+
+    # Step directories copied into a plain directory: that directory is their run, by name.
+    loose = tmp_path / "loose"
+    shutil.copytree(tmp_path / "root/b/checkpoints/step_00000005", loose / "step_00000005")
+    [info] = list_checkpoints(loose)
+    assert info.run_dir == loose
+    monkeypatch.chdir(loose)
+    print_table(list_checkpoints("."))
+    assert "loose/step_00000005" in capsys.readouterr().err
 
 
 def test_resolve_checkpoint_errors_name_the_file(tmp_path: Path) -> None:

@@ -143,8 +143,10 @@ def _list_run(ckpts: Path, verify: bool) -> list[CheckpointInfo]:
         latest = read_latest(ckpts)
     except CheckpointError:
         latest = None  # a damaged pointer: every entry is still listed, none marked latest
+    # A run's checkpoints/ directory, or a directory of bare step directories: its own run.
+    run_dir = ckpts.parent if ckpts.name == CHECKPOINTS_DIR else ckpts
     infos = [
-        inspect_checkpoint(p, run_dir=ckpts.parent, verify=verify, latest=p == latest)
+        inspect_checkpoint(p, run_dir=run_dir, verify=verify, latest=p == latest)
         for p in ckpts.iterdir()
         if is_step_dir(p) or (is_staging_dir(p) and parse_step(p.name) is not None)
     ]
@@ -160,7 +162,8 @@ def print_table(infos: list[CheckpointInfo], title: str = "checkpoints") -> None
     """The catalog as a table on stderr (stdout stays free for --json); ``*`` marks ``latest``."""
     rows = []
     for i in infos:
-        name = i.path.name if i.run_dir is None else f"{i.run_dir.name}/{i.path.name}"
+        # absolute(): `ckpt list .` names the current directory, not "".
+        name = i.path.name if i.run_dir is None else f"{i.run_dir.absolute().name}/{i.path.name}"
         rows.append(
             (
                 name + (" *" if i.latest else ""),
