@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -20,8 +21,13 @@ import yaml
 
 from midtrain.console import console, print_table, table
 from midtrain.errors import MidtrainError
+from midtrain.fileio import project_path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# In a checkout, or (from a wheel) where the environment's share/midtrain/examples holds them.
+EXAMPLES = project_path("examples")
+# Marks a folder the demo wrote, which a later demo may replace.
+MARKER = ".midtrain-demo"
+OUTPUTS = ("data", "runs", "reports")
 
 
 def _run(step: str, args: list[str], cwd: Path) -> None:
@@ -35,9 +41,9 @@ def _run(step: str, args: list[str], cwd: Path) -> None:
 
 def run_demo(out: Path, customer_share: float = 0.8) -> Path:
     """Run the demo in ``out``; returns the report directory."""
-    if not EXAMPLES.is_dir():
-        raise MidtrainError(f"{EXAMPLES}: the examples folder is missing (run from a checkout)")
-    out.mkdir(parents=True, exist_ok=True)
+    if EXAMPLES is None:
+        raise MidtrainError("the examples folder was not found next to midtrain nor in share/")
+    prepare_output_dir(out)
     started = time.time()
     pretrain, cont, cust = (
         str(EXAMPLES / n) for n in ("pretrain.yaml", "continue.yaml", "continue_customer_only.yaml")
@@ -108,6 +114,25 @@ def run_demo(out: Path, customer_share: float = 0.8) -> Path:
         f"the report is {report / 'report.md'}"
     )
     return report
+
+
+def prepare_output_dir(out: Path) -> None:
+    """An empty folder for the demo. A previous demo's output is replaced (so `make demo` runs
+    again); any other non-empty folder is refused, since its runs would be refused or mixed in."""
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise MidtrainError(
+                f"{out}: not empty, and not a demo's output; give --out a new or empty folder"
+            )
+        console.print(f"{out}: replacing the previous demo's {', '.join(OUTPUTS)}")
+        for name in OUTPUTS:
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(
+        "Written by `midtrain demo`: the next demo into this folder replaces its data, runs and "
+        "reports.\n",
+        encoding="utf-8",
+    )
 
 
 def final_perplexities(report: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -21,6 +21,15 @@ _READ_AHEAD = 256 << 20
 _FADVISE = hasattr(os, "posix_fadvise")
 
 
+def project_path(*parts: str) -> Path | None:
+    """A file or folder shipped beside the package (``slurm/``, ``examples/``): at the top of a
+    source checkout, or under ``share/midtrain`` of the environment a wheel was installed into."""
+    for base in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "midtrain"):
+        if base.joinpath(*parts).exists():
+            return base.joinpath(*parts)
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,64 @@ def test_demo_uses_the_public_commands_and_reports(demo: tuple[Path, Any]) -> No
         assert f"]({name})" in md
         assert png_ok(out / "reports" / "compare" / name)
     assert re.search(r"demo finished in \d+ s", done.stderr)
+
+
+def test_a_demo_folder_is_replaced_and_any_other_refused(tmp_path: Path) -> None:
+    from midtrain.demo import MARKER, prepare_output_dir
+    from midtrain.errors import MidtrainError
+
+    mine = tmp_path / "mine"
+    (mine / "runs").mkdir(parents=True)
+    with pytest.raises(MidtrainError, match="not empty, and not a demo's output"):
+        prepare_output_dir(mine)
+    assert (mine / "runs").is_dir()  # nothing deleted
+
+    out = tmp_path / "demo_out"
+    prepare_output_dir(out)  # new
+    (out / "runs" / "base").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    prepare_output_dir(out)  # a previous demo's: its runs go, so `make demo` runs again
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "notes.txt"])
+
+
+def test_the_wheel_ships_the_examples_and_the_sbatch_template(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import midtrain.fileio as fileio
+
+    repo = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(
+        ["git", "ls-files", "examples", "slurm"], cwd=repo, capture_output=True, text=True
+    ).stdout.split()
+    assert "examples/pretrain.yaml" in tracked
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to the sources
+    for name in [*tracked, "pyproject.toml", "README.md", *_package_files(repo)]:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((repo / name).read_bytes())
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", "dist", "."],
+        cwd=src,
+        check=True,
+        capture_output=True,
+    )
+    # Installed by hand, as pip would (`pip install --prefix` would also uninstall this
+    # environment's midtrain): data files under the prefix, the package in site-packages.
+    prefix = tmp_path / "env"
+    [wheel] = (src / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        for name in whl.namelist():
+            data, sep, rest = name.partition(".data/data/")
+            target = prefix / rest if sep else prefix / "site-packages" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(whl.read(name))
+    # As seen by a midtrain installed there: the checkout's folders are not beside it.
+    monkeypatch.setattr(fileio, "__file__", str(prefix / "site-packages/midtrain/fileio.py"))
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    for name in tracked:
+        assert fileio.project_path(*Path(name).parts) == prefix / "share" / "midtrain" / name
+
+
+def _package_files(repo: Path) -> list[str]:
+    files = (repo / "midtrain").rglob("*")
+    return [str(p.relative_to(repo)) for p in files if p.is_file() and "__pycache__" not in p.parts]

@@ -212,14 +212,12 @@ def sbatch_lines(options: SlurmOptions, job_name: str, log_dir: Path) -> list[st
 
 
 def template_path() -> Path:
-    # slurm/ sits next to the package in a source checkout; an installed wheel ships a copy.
-    for candidate in (
-        Path(__file__).resolve().parents[2] / "slurm" / TEMPLATE_NAME,
-        Path(sys.prefix) / "share" / "midtrain" / "slurm" / TEMPLATE_NAME,
-    ):
-        if candidate.is_file():
-            return candidate
-    raise MidtrainError(f"the sbatch template {TEMPLATE_NAME} was not found next to midtrain")
+    from midtrain.fileio import project_path
+
+    path = project_path("slurm", TEMPLATE_NAME)
+    if path is None:
+        raise MidtrainError(f"the sbatch template {TEMPLATE_NAME} was not found next to midtrain")
+    return path
 
 
 def fill_template(template: str, values: dict[str, str], source: str) -> str:
