@@ -6,8 +6,10 @@ Heavy libraries (torch, ray, deepspeed, datasets) are imported inside the comman
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -215,7 +217,6 @@ def ckpt_verify(path: str) -> None:
 @click.option("--dry-run", is_flag=True, help="only show what would be deleted")
 def ckpt_prune(run_dir: str, keep_last: int | None, dry_run: bool) -> None:
     """Delete all but the newest N complete checkpoints (and those marked keep, and latest)."""
-    from pathlib import Path
 
     from midtrain.checkpoints import prune
     from midtrain.config_io import load_yaml_mapping
@@ -337,7 +338,7 @@ def train(
     from midtrain.launch.ray_cluster import env_jobs_address, submit_run
 
     extra = list(overrides)
-    if spec is not None and "=" in spec and not spec.endswith((".yaml", ".yml")):
+    if spec is not None and re.match(r"[A-Za-z_][A-Za-z0-9_.]*=", spec) and not Path(spec).exists():
         spec, extra = None, [spec, *extra]  # `midtrain train --resume DIR key=value`
     if workers is not None:
         extra.append(f"workers={workers}")
@@ -602,7 +603,6 @@ def jobs_stop(job_id: str, force: bool, ray_address: str | None) -> None:
 )
 def demo(out: str, customer_share: float) -> None:
     """The whole product on this machine in minutes: prepare, pretrain, branch, evaluate."""
-    from pathlib import Path
 
     from midtrain.demo import run_demo
 

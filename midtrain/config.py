@@ -7,6 +7,8 @@ checkpoint is self-contained (a Slurm or Ray job reads exactly what the user val
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,21 +306,36 @@ def _inline_mixture(data: dict[str, Any], source: str) -> Path | None:
     return path
 
 
-def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
-    """Read a run spec, apply ``key.sub=value`` overrides, inline the mixture, validate."""
-    overrides = overrides or []
-    data = load_yaml_mapping(path)
-    # `mixture=other.yaml` replaces the file before it is inlined; `mixture.x=...` edits it after.
+def apply_run_overrides(data: dict[str, Any], overrides: list[str], source: str) -> Path | None:
+    """Apply overrides to a run spec's data and inline its mixture file; returns that file (None:
+    the mixture is inline). ``mixture=FILE`` (a path from the current directory, as every path
+    override) replaces the file before it is read; ``mixture.x=...`` edits the mixture after."""
     whole = [o for o in overrides if o.partition("=")[0].strip() == "mixture"]
     apply_overrides(data, whole)
-    mixture_file = _inline_mixture(data, str(path))
+    if whole and isinstance(data.get("mixture"), str):
+        data["mixture"] = os.path.abspath(os.path.expanduser(data["mixture"]))
+    mixture_file = _inline_mixture(data, source)
     apply_overrides(data, [o for o in overrides if o not in whole])
+    return mixture_file
+
+
+def validate_run_spec(data: Any, source: str, mixture_file: Path | None = None) -> RunSpec:
+    """``data`` as a ``RunSpec``; errors name ``source`` (and the mixture's own, its file)."""
     try:
-        return RunSpec.model_validate(data)
+        spec = RunSpec.model_validate(data)
     except ValidationError as exc:
-        # The mixture's own errors name its file (as `mix plan FILE` would).
-        sections = {"mixture": f"{path} (mixture from {mixture_file})"} if mixture_file else {}
-        raise ConfigError(format_validation_error(exc, str(path), sections)) from None
+        sections = {"mixture": f"{source} (mixture from {mixture_file})"} if mixture_file else {}
+        raise ConfigError(format_validation_error(exc, source, sections)) from None
+    if mixture_file is not None:
+        spec.mixture._source = str(mixture_file)  # so that planning errors name it too
+    return spec
+
+
+def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
+    """Read a run spec, apply ``key.sub=value`` overrides, inline the mixture, validate."""
+    data = load_yaml_mapping(path)
+    mixture_file = apply_run_overrides(data, overrides or [], str(path))
+    return validate_run_spec(data, str(path), mixture_file)
 
 
 def run_spec_from_yaml(text: str, source: str) -> RunSpec:
@@ -329,7 +346,33 @@ def run_spec_from_yaml(text: str, source: str) -> RunSpec:
         data = load_yaml_text(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}{yaml_error_message(exc)}") from None
-    return validate(RunSpec, data, source)
+    return validate(RunSpec, _as_meant(data), source)
+
+
+def _as_meant(data: Any) -> Any:
+    """Settings that older midtrain versions accepted and ignored, and that are refused now,
+    rewritten to what they meant: a run saved before the change still resumes, unchanged."""
+    if not isinstance(data, dict):
+        return data
+
+    def section(key: str) -> dict[str, Any]:
+        value = data.get(key)
+        return value if isinstance(value, dict) else {}
+
+    schedule, model, train, optimizer = map(section, ("schedule", "model", "train", "optimizer"))
+    if schedule.get("rewarm_steps") is not None:  # the re-warm replaced the warmup
+        schedule.pop("warmup_steps", None)
+        schedule.pop("warmup_start_ratio", None)
+    if data.get("init_from") and model.get("from_checkpoint"):  # init_from won
+        model["from_checkpoint"] = None
+    if train.get("backend") == "megatron":  # its optimizer is always sharded
+        train.pop("zero_stage", None)
+    if optimizer.get("grad_clip") == math.inf:  # clipping at infinity: no clipping
+        optimizer["grad_clip"] = None
+    for source in section("mixture").get("sources") or []:
+        if isinstance(source, dict) and source.get("max_epochs") == math.inf:  # no cap
+            source["max_epochs"] = None
+    return data
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

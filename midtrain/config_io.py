@@ -33,14 +33,14 @@ AbsPath = Annotated[str, AfterValidator(_absolute)]
 
 def _not_bool(value: Any) -> Any:
     if isinstance(value, bool):
-        raise ValueError("expected a number, got a boolean")
+        raise ValueError("a number is expected here, not a boolean")
     return value
 
 
 # YAML reads yes/no/true/false (and on/off) as booleans, which pydantic would take as 1 and 0 (and
-# a 1 as true): config numbers and flags are checked strictly. Floats stay lax otherwise, since
-# PyYAML reads `1e-3` (no dot) as a string.
-Int = Annotated[int, Strict()]
+# a 1 as true): numbers refuse booleans, and flags are strict. Numbers stay lax otherwise: PyYAML
+# reads `1e-3` (no dot) as a string, `2.0e+9` tokens as a float, and callers pass numpy ints.
+Int = Annotated[int, BeforeValidator(_not_bool)]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 
@@ -53,24 +53,38 @@ class StrictModel(BaseModel):
         extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
     )
 
+    def __eq__(self, other: object) -> bool:
+        # Equal settings are equal configs: private bookkeeping (a mixture's source file) aside.
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, as BaseModel)
+
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (YAML's default: the last wins)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *anchor`: the keys given beside it override the merged ones
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                break  # SafeLoader's own error says so
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked before the first flattening, which puts merged keys (`<<: *anchor`) beside the
+        # node's own (these override them), also in an anchored node merged into another first.
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if not isinstance(key, Hashable):
+                    break  # SafeLoader's own error says so
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        super().flatten_mapping(node)
 
 
 def load_yaml_text(text: str) -> Any:
@@ -117,8 +131,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = load_yaml_text(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
-    if "#" in raw and (value is None or isinstance(value, str)) and raw[0] not in "'\"":
-        value = raw  # YAML would drop ` #...` as a comment: a plain string is taken as typed
+    if "#" in raw and raw[0] not in "'\"[{":
+        value = raw  # YAML would drop ` #...` as a comment: a plain value with `#` is text
     return key.split("."), value
 
 

@@ -489,6 +489,9 @@ def test_catalog_lists_runs_newest_last(
     monkeypatch.chdir(loose)
     print_table(list_checkpoints("."))
     assert "loose/step_00000005" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "root/b/checkpoints")  # inside a run's checkpoints/
+    print_table(list_checkpoints("."))
+    assert "b/step_00000005" in capsys.readouterr().err
 
 
 def test_resolve_checkpoint_errors_name_the_file(tmp_path: Path) -> None:

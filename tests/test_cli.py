@@ -315,6 +315,12 @@ def test_schedule_plot_to_a_path_it_cannot_write_is_one_line_naming_it(tmp_path:
     assert sorted(tmp_path.iterdir()) == [tmp_path / "adir", tmp_path / "afile"]  # nothing left
 
 
+def test_train_takes_a_mixture_override_after_resume(tmp_path: Path) -> None:
+    # `mixture=x.yaml` is an override, not a spec file, though it ends in .yaml.
+    with pytest.raises(ConfigError, match="no complete checkpoint to resume from"):
+        invoke("train", "mixture=x.yaml", "--resume", str(tmp_path / "run"))
+
+
 def test_short_counts_round_before_choosing_the_unit() -> None:
     from midtrain.console import short_count
 

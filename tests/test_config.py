@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from midtrain.config import RunSpec, breaks_exactness, diff_specs, load_run_spec, run_spec_from_yaml
-from midtrain.config_io import apply_overrides, parse_override
+from midtrain.config import (
+    RunSpec,
+    apply_run_overrides,
+    breaks_exactness,
+    diff_specs,
+    load_run_spec,
+    run_spec_from_yaml,
+    validate_run_spec,
+)
+from midtrain.config_io import apply_overrides, load_yaml_text, parse_override
 from midtrain.errors import ConfigError
 
 MIXTURE = {
@@ -57,6 +66,7 @@ def test_contract_keys_load_and_mixture_is_inlined(spec_file: Path) -> None:
     assert spec.total_sequences == 60 * 8
     assert Path(spec.run_dir).is_absolute() and Path(spec.model.tokenizer).is_absolute()
     assert spec.mixture.sources[1].path == [str(Path("data/web").resolve())]
+    assert spec.mixture.source_file == str(spec_file.parent / "mix.yaml")  # planning errors name it
 
 
 def test_overrides_are_typed(spec_file: Path) -> None:
@@ -95,9 +105,12 @@ def test_resolved_yaml_round_trips(spec_file: Path) -> None:
         ("optimizer.lr=.inf", "optimizer.lr: Input should be a finite number"),
         ("optimizer.weight_decay=.nan", "optimizer.weight_decay: Input should be a finite number"),
         ("model.config.rope_theta=.inf", "model.config.rope_theta: Input should be a finite"),
-        ("optimizer.lr=true", "optimizer.lr: expected a number, got a boolean"),
-        ("train.seed=true", "train.seed: Input should be a valid integer"),
-        ("checkpoint.keep_last=yes", "checkpoint.keep_last: Input should be a valid integer"),
+        ("optimizer.lr=true", "optimizer.lr: a number is expected here, not a boolean"),
+        ("train.seed=true", "train.seed: a number is expected here, not a boolean (got True)"),
+        (
+            "checkpoint.keep_last=yes",
+            "checkpoint.keep_last: a number is expected here, not a boolean",
+        ),
         ("model.compile=1", "model.compile: Input should be a valid boolean"),
         # An empty path is not the current directory.
         ("run_dir=", "run_dir: an empty path"),
@@ -139,11 +152,62 @@ def test_a_key_given_twice_is_an_error_naming_the_line(spec_file: Path) -> None:
         run_spec_from_yaml("a: 1\na: 2\n", "saved")
 
 
-def test_the_mixture_file_can_be_overridden_and_then_edited(spec_file: Path) -> None:
+def test_the_mixture_file_can_be_overridden_and_then_edited(
+    spec_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     other = spec_file.parent / "other.yaml"
     other.write_text(yaml.safe_dump({**MIXTURE, "seq_length": 16}))
     spec = load_run_spec(spec_file, ["mixture.sources.1.weight=0.5", f"mixture={other}"])
     assert spec.mixture.seq_length == 16 and spec.mixture.sources[1].weight == 0.5
+    assert spec.mixture.source_file == str(other)
+    # A relative path on the command line is from the current directory, as every path override
+    # (the spec's own `mixture: mix.yaml` is found beside the spec).
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    (here / "mix.yaml").write_text(yaml.safe_dump({**MIXTURE, "seq_length": 8}))
+    monkeypatch.chdir(here)
+    assert load_run_spec(spec_file, ["mixture=mix.yaml"]).mixture.seq_length == 8
+    assert load_run_spec(spec_file).mixture.seq_length == 32
+    # And on a saved spec (resuming with overrides).
+    data = load_run_spec(spec_file).model_dump(mode="json")
+    found = apply_run_overrides(data, ["mixture=mix.yaml", "mixture.seed=5"], "saved")
+    spec = validate_run_spec(data, "saved", found)
+    assert (spec.mixture.seq_length, spec.mixture.seed, found) == (8, 5, here / "mix.yaml")
+
+
+def test_a_saved_spec_of_an_older_version_loads_as_it_was_meant(spec_file: Path) -> None:
+    # Settings older versions accepted and ignored, now refused in a spec file: a run saved
+    # with them still resumes, with them rewritten to what they meant.
+    saved = yaml.safe_load(load_run_spec(spec_file).to_yaml())
+    saved["schedule"].update(rewarm_steps=5, warmup_steps=10, warmup_start_ratio=0.5)
+    saved["optimizer"]["grad_clip"] = float("inf")
+    saved["mixture"]["sources"][0]["max_epochs"] = float("inf")
+    saved["model"] = {"from_checkpoint": "/ckpt/a", "tokenizer": "/tok"}
+    saved["init_from"] = {"checkpoint": "/ckpt/b"}
+    spec = run_spec_from_yaml(yaml.safe_dump(saved), "old/run_spec.yaml")
+    assert (spec.schedule.rewarm_steps, spec.schedule.warmup_steps) == (5, 0)
+    assert spec.optimizer.grad_clip is None and spec.mixture.sources[0].max_epochs is None
+    assert spec.model.from_checkpoint is None and spec.init_from.checkpoint == "/ckpt/b"
+    with pytest.raises(ConfigError, match="not used with rewarm_steps"):  # not in a new spec
+        load_run_spec(spec_file, ["schedule.rewarm_steps=5"])
+
+
+def test_numbers_are_lax_but_not_booleans() -> None:
+    from midtrain.data_mixing.mixture import MixtureConfig
+
+    source = {"name": "a", "kind": "customer", "path": "/d/a", "weight": 1}
+    ok = MixtureConfig(seq_length=np.int64(8), tokens=2.0e9, sources=[source])
+    assert (ok.seq_length, ok.tokens) == (8, 2_000_000_000)  # YAML reads 2.0e+9 as a float
+    for bad in (True, 1.5, "x"):
+        with pytest.raises(ValueError, match="seq_length"):
+            MixtureConfig(seq_length=bad, sources=[source])
+
+
+def test_yaml_merge_keys_are_not_duplicates() -> None:
+    text = "m: &M {k: 1, j: 1}\nx: {y: {n: &N {<<: *M, k: 2}}}\nz: {<<: *N}\n"
+    assert load_yaml_text(text)["z"] == {"k": 2, "j": 1}
+    with pytest.raises(yaml.YAMLError, match="key 'k' is given twice"):
+        load_yaml_text("m: &M {k: 1}\nz: {<<: *M, k: 2, k: 3}\n")
 
 
 def test_errors_inside_a_mixture_file_name_that_file(spec_file: Path) -> None:
@@ -175,6 +239,7 @@ def test_override_syntax() -> None:
     # YAML would drop ` #2` as a comment, and read `#x` as null: plain strings stay as typed.
     assert parse_override("run_dir=runs/exp #2") == (["run_dir"], "runs/exp #2")
     assert parse_override("a=#x") == (["a"], "#x")
+    assert parse_override("a=5 #c") == (["a"], "5 #c")  # refused as a number, not silently 5
     assert parse_override("a='quoted #1'") == (["a"], "quoted #1")
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_override("a.b")

@@ -201,7 +201,6 @@ def test_invariants(s):
         ({"rewarm_steps": 5, "warmup_steps": 3}, "schedule.warmup_steps (3) is not used with"),
         ({"rewarm_steps": 5, "warmup_start_ratio": 0.5}, "warmup_start_ratio (0.5) is not used"),
         ({"warmup_steps": True}, "warmup_steps"),
-        ({"min_lr_ratio": float("nan")}, "min_lr_ratio"),
     ],
 )
 def test_invalid_configs_name_the_key(data, key):

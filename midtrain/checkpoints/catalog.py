@@ -119,7 +119,7 @@ def list_checkpoints(path: str | os.PathLike[str], *, verify: bool = False) -> l
     """Checkpoints under a checkpoint dir, a run dir, its ``checkpoints/`` dir, or a root holding
     run dirs (and stand-alone checkpoints). Each run's checkpoints by step; runs ordered by their
     newest checkpoint, so the newest checkpoint comes last."""
-    root = Path(path).expanduser()
+    root = Path(path).expanduser().absolute()  # `ckpt list .` has a name
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such directory")
     if (root / MANIFEST).exists() or is_step_dir(root) or is_staging_dir(root):
@@ -162,8 +162,7 @@ def print_table(infos: list[CheckpointInfo], title: str = "checkpoints") -> None
     """The catalog as a table on stderr (stdout stays free for --json); ``*`` marks ``latest``."""
     rows = []
     for i in infos:
-        # absolute(): `ckpt list .` names the current directory, not "".
-        name = i.path.name if i.run_dir is None else f"{i.run_dir.absolute().name}/{i.path.name}"
+        name = i.path.name if i.run_dir is None else f"{i.run_dir.name}/{i.path.name}"
         rows.append(
             (
                 name + (" *" if i.latest else ""),

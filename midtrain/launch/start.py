@@ -11,7 +11,15 @@ from pathlib import Path
 
 from midtrain.checkpoints.layout import RUN_SPEC
 from midtrain.checkpoints.store import latest_checkpoint
-from midtrain.config import RunSpec, breaks_exactness, diff_specs, load_run_spec, run_spec_from_yaml
+from midtrain.config import (
+    RunSpec,
+    apply_run_overrides,
+    breaks_exactness,
+    diff_specs,
+    load_run_spec,
+    run_spec_from_yaml,
+    validate_run_spec,
+)
 from midtrain.console import console
 from midtrain.data_mixing.plan import MixturePlan, plan_mixture
 from midtrain.errors import ConfigError
@@ -58,10 +66,9 @@ def prepare_run(
         # The run may have been moved or copied since it was saved: it continues where it is.
         spec = spec.model_copy(update={"run_dir": str(run_dir)})
         if overrides:
-            from midtrain.config_io import apply_overrides, validate
-
-            data = apply_overrides(spec.model_dump(mode="json"), overrides)
-            spec = validate(RunSpec, data, f"{run_dir} (saved spec + overrides)")
+            data = spec.model_dump(mode="json")
+            source = f"{run_dir} (saved spec + overrides)"
+            spec = validate_run_spec(data, source, apply_run_overrides(data, overrides, source))
 
     has_checkpoint = latest_checkpoint(run_dir) is not None
     resuming = bool(resume_dir) or spec.resume or (auto_resume and has_checkpoint)
