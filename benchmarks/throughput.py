@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/throughput.py [--backends plain,deepspeed,megatron]
         [--micro-batch 4] [--steps 20] [--warmup 5] [--no-compile] [--preset 1b|tiny]
+        [--timeout 240] [--out-dir DIR]
 
 * ``plain``: the reference. A plain PyTorch loop over the HF model: fp32 weights, bf16 autocast,
   ``torch.compile``, fused AdamW, grad clipping; midtrain's own loss function.
@@ -21,6 +22,11 @@ one synchronisation at each end (the steps themselves never wait for the host). 
 trainer's formula (``midtrain.training.flops``) against the GPU's dense bf16 peak; peak memory is
 ``torch.cuda.max_memory_allocated`` over the whole process.
 
+With ``--out-dir DIR``, each backend's result is appended to ``DIR/results.jsonl`` as soon as it
+is known, and the child processes' output goes to ``DIR/run.log`` as it is written, so a run
+killed part-way still leaves the figures and the log of the backends it got through. A backend
+that has not finished after ``--timeout`` seconds is stopped and reported as an error.
+
 Without a CUDA GPU it measures nothing and exits with status 2.
 """
 
@@ -29,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -237,24 +245,75 @@ def measure(backend: str, args: argparse.Namespace) -> dict[str, Any]:
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def run_child(backend: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Measure ``backend`` in a fresh process; a failure (or a hang past ``--timeout``) is
-    reported, not fatal to the others."""
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``'s signal) into ``SystemExit``, so that ``finally`` blocks stop the
+    child process and remove temporary folders."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> int | None:
+    """Run ``cmd`` with its stdout and stderr appended to ``log`` as they are written (nothing is
+    held in memory). Its exit status, or None when it was stopped after ``timeout`` seconds. The
+    child is killed also when this process is interrupted (SIGTERM via ``exit_on_sigterm``)."""
+    with log.open("ab") as f:
+        f.write(f"== {shlex.join(cmd)}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def log_tail(log: Path, start: int, chars: int = 3000) -> str:
+    """The last ``chars`` characters that were written to ``log`` after byte ``start``."""
+    with log.open("rb") as f:
+        f.seek(max(start, log.stat().st_size - 4 * chars))
+        return f.read().decode(errors="replace")[-chars:]
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line, on disk before this returns: a later kill cannot take it back."""
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_child(backend: str, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    """Measure ``backend`` in a fresh process whose output goes to ``log``; a failure (or a hang
+    past ``--timeout``) is reported, not fatal to the others."""
     env = {**os.environ, "DS_ACCELERATOR": "cuda", "MASTER_PORT": str(free_port())}
+    start = log.stat().st_size if log.exists() else 0
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--child", backend, "--child-out", str(out), *args.argv]
-        try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env=env, timeout=args.timeout
-            )
-        except subprocess.TimeoutExpired as exc:
-            tail = (exc.stderr or b"")[-3000:]
-            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-            return {"error": f"no result after {args.timeout:.0f} s", "stderr_tail": tail}
-        if proc.returncode != 0 or not out.exists():
-            return {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
-        return json.loads(out.read_text())
+        code = run_logged(cmd, env, log, args.timeout)
+        if code is None:
+            error = f"no result after {args.timeout:.0f} s"
+        elif code != 0 or not out.exists():
+            error = f"exit {code}"
+        else:
+            return json.loads(out.read_text())
+    return {"error": error, "stderr_tail": log_tail(log, start)}
+
+
+def run_all(backends: list[str], args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Each backend in turn; its result goes to ``out_dir/results.jsonl`` as soon as it is known."""
+    results = {}
+    for backend in backends:
+        results[backend] = run_child(backend, args, out_dir / "run.log")
+        record = {"backend": backend, "args": args.argv, **results[backend]}
+        append_jsonl(out_dir / "results.jsonl", record)
+    return results
 
 
 def summary(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -296,7 +355,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per backend")
+    parser.add_argument(
+        "--timeout", type=float, default=240, help="seconds per backend (default: 240)"
+    )
+    parser.add_argument(
+        "--out-dir", help="write each result (results.jsonl) and the runs' log (run.log) here"
+    )
     parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -325,7 +389,13 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"--backends: unknown {', '.join(unknown)}; choose from {BACKENDS}", file=sys.stderr)
         return 2
-    results = {backend: run_child(backend, args) for backend in backends}
+    exit_on_sigterm()
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        results = run_all(backends, args, Path(args.out_dir))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run_all(backends, args, Path(tmp))
     print(json.dumps(summary(args, results), indent=2))
     return 1 if any("error" in r for r in results.values()) else 0
 

@@ -81,7 +81,8 @@ def test_tied_lm_head_still_costs_its_matmul():
 
 
 def test_design_fact_llama_1b_on_h100():
-    # DESIGN.md: HF Llama 1.24B (Llama-3.2-1B shape), seq 2048, bf16, 55.5k tokens/s = 46.1% MFU.
+    # shared/DESIGN.md (beside the repository): HF Llama 1.24B (Llama-3.2-1B shape), seq 2048,
+    # bf16, 55.5k tokens/s = 46.1% MFU.
     config = transformers.LlamaConfig(
         hidden_size=2048,
         num_hidden_layers=16,

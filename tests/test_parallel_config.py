@@ -279,3 +279,15 @@ def test_the_driver_checks_a_checkpoints_model_before_any_worker_starts(
     assert f"parallel.tensor (8) must divide {hf}/config.json: num_attention_heads (4)" in str(
         err.value
     )
+
+
+def test_the_megatron_layer_spec_can_be_forced_to_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    from midtrain.training import megatron_model
+
+    monkeypatch.setattr(megatron_model, "_transformer_engine_imports", lambda: True)
+    assert megatron_model.have_transformer_engine()  # TE imports: used
+    monkeypatch.setenv("MIDTRAIN_MEGATRON_SPEC", "local")
+    assert not megatron_model.have_transformer_engine()
+    monkeypatch.setenv("MIDTRAIN_MEGATRON_SPEC", "te")
+    with pytest.raises(ConfigError, match="MIDTRAIN_MEGATRON_SPEC='te': the only value"):
+        megatron_model.have_transformer_engine()

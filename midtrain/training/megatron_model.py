@@ -10,6 +10,10 @@ Two layer specs:
   matrix in a CUDA-only buffer; torch's SDPA runs flash kernels on a GPU and also runs on a CPU,
   which is what lets the conversion tests check logits on machines without a GPU.
 
+``MIDTRAIN_MEGATRON_SPEC=local`` in the environment forces the local spec even where Transformer
+Engine imports (for a TE build that does not work with this megatron-core); unset or empty, the
+TE spec is used when it imports.
+
 megatron-core's ``parallel_state`` must be initialised (``initialize_model_parallel``) before a
 model is built: its layers read their tensor-parallel group from it.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,11 +40,21 @@ from midtrain import console
 from midtrain.checkpoints.megatron_convert import GPTShape, LayerSpec, rope_base
 from midtrain.errors import CheckpointError, ConfigError
 
+SPEC_ENV = "MIDTRAIN_MEGATRON_SPEC"  # "local": never use Transformer Engine
+
+
+def have_transformer_engine() -> bool:
+    """Whether Transformer Engine is to be used: it imports (not just is installed: a build for
+    another torch fails at import, and then the local layer spec is used, with a warning) and
+    ``MIDTRAIN_MEGATRON_SPEC`` is not ``local``."""
+    choice = os.environ.get(SPEC_ENV, "")
+    if choice not in ("", "local"):
+        raise ConfigError(f"{SPEC_ENV}={choice!r}: the only value it takes is 'local' (or unset)")
+    return choice != "local" and _transformer_engine_imports()
+
 
 @functools.cache
-def have_transformer_engine() -> bool:
-    """Whether Transformer Engine imports (not just whether it is installed: a build for another
-    torch fails at import, and then the local layer spec is used, with a warning)."""
+def _transformer_engine_imports() -> bool:
     if importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
@@ -166,7 +181,10 @@ def layer_spec(spec: LayerSpec, qk_norm: bool = False, sdpa: bool = True) -> Mod
     only), which the GPU tests compare ``SDPACoreAttention`` against."""
     if spec == "te":
         if not have_transformer_engine():
-            raise ConfigError("layer spec 'te' needs transformer_engine, which is not installed")
+            raise ConfigError(
+                "layer spec 'te' needs transformer_engine, which does not import here "
+                f"(or {SPEC_ENV}=local is set)"
+            )
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
