@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -457,6 +458,35 @@ def test_a_stop_while_the_driver_starts_up_reaches_it_once_it_listens(
     out = run.output()
     assert "[driver] stopped on SIGUSR1" in out and "midtrain train exited 75" in out, out
     assert "scontrol requeue" not in run.calls()
+
+
+def test_a_port_in_use_ends_the_job_before_ray_starts(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    job_id = 4321
+    port = 20000 + job_id % 3000 * 4 + 2  # its metrics port
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # an earlier run's TIME_WAIT
+        taken.bind(("", port))
+        taken.listen()
+        run = ScriptRun(spec, tmp_path / "job", job_id)
+        script_runs.append(run)
+        assert run.finish() == 1, run.output()
+    assert f"port {port} (of {port - 2}-{port + 1}, derived from the job id) is in use" in (
+        run.output()
+    )
+    assert "srun" not in run.calls()  # nothing started
+    # A port left in TIME_WAIT (by this job's own head, before a requeue) is not in use.
+    with socket.socket() as server, socket.socket() as client:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        client.connect(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the side that closes first keeps the port in TIME_WAIT
+    again = ScriptRun(spec, tmp_path / "again", job_id)
+    script_runs.append(again)
+    assert again.finish() == 0, again.output()
 
 
 def test_jobs_with_consecutive_ids_use_different_ports(
