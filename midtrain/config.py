@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from midtrain.config_io import (
     AbsPath,
@@ -22,14 +22,11 @@ from midtrain.config_io import (
     StrictModel,
     apply_overrides,
     dump_yaml,
-    format_validation_error,
     load_yaml_mapping,
-    load_yaml_text,
+    parse_yaml,
     validate,
-    yaml_error_message,
 )
 from midtrain.data_mixing.mixture import MixtureConfig
-from midtrain.errors import ConfigError
 from midtrain.training.parallel import backend_unavailable, layout_problem, shape_problem
 from midtrain.training.schedule import ScheduleConfig
 
@@ -321,11 +318,8 @@ def apply_run_overrides(data: dict[str, Any], overrides: list[str], source: str)
 
 def validate_run_spec(data: Any, source: str, mixture_file: Path | None = None) -> RunSpec:
     """``data`` as a ``RunSpec``; errors name ``source`` (and the mixture's own, its file)."""
-    try:
-        spec = RunSpec.model_validate(data)
-    except ValidationError as exc:
-        sections = {"mixture": f"{source} (mixture from {mixture_file})"} if mixture_file else {}
-        raise ConfigError(format_validation_error(exc, source, sections)) from None
+    sections = {"mixture": f"{source} (mixture from {mixture_file})"} if mixture_file else {}
+    spec = validate(RunSpec, data, source, sections)
     if mixture_file is not None:
         spec.mixture._source = str(mixture_file)  # so that planning errors name it too
     return spec
@@ -340,13 +334,7 @@ def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSp
 
 def run_spec_from_yaml(text: str, source: str) -> RunSpec:
     """Parse a saved (resolved) run spec, e.g. the one inside a checkpoint."""
-    import yaml
-
-    try:
-        data = load_yaml_text(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}{yaml_error_message(exc)}") from None
-    return validate(RunSpec, _as_meant(data), source)
+    return validate(RunSpec, _as_meant(parse_yaml(text, source)), source)
 
 
 def _as_meant(data: Any) -> Any:

@@ -92,12 +92,15 @@ def load_yaml_text(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
 
 
-def yaml_error_message(exc: yaml.YAMLError) -> str:
-    """``:LINE: not valid YAML: PROBLEM``, to follow a file name."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f":{mark.line + 1}" if mark is not None else ""
-    problem = getattr(exc, "problem", None) or str(exc)
-    return f"{where}: not valid YAML: {problem}"
+def parse_yaml(text: str, source: str) -> Any:
+    """``load_yaml_text``, with a YAML error as a ``ConfigError`` naming ``source`` and the line."""
+    try:
+        return load_yaml_text(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}{where}: not valid YAML: {problem}") from None
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
@@ -106,9 +109,7 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = load_yaml_text(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}{yaml_error_message(exc)}") from None
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     if data is None:
@@ -191,12 +192,13 @@ def format_validation_error(
     return "\n".join(lines)
 
 
-def validate(model: type[M], data: Any, source: str) -> M:
-    """Validate ``data`` as ``model``; errors name ``source`` and each key path."""
+def validate(model: type[M], data: Any, source: str, sections: dict[str, str] | None = None) -> M:
+    """Validate ``data`` as ``model``; errors name ``source`` (or, under a top-level key of
+    ``sections``, the source given there) and each key path."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, sections)) from None
 
 
 def load_config(model: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
