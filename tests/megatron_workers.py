@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,26 @@ def cpu_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+class _Reads(Mapping[str, torch.Tensor]):
+    """A state dict that records which tensors were looked up, in order."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors, self.read = tensors, list[str]()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.read.append(name)
+        return self.tensors[name]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's own would look the tensor up
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 def layout_worker(rank: int, world: int, port: int, out: str) -> None:
     """The megatron backend's weight paths at tensor 2 x pipeline 2 (4 gloo processes), against
     megatron-core's real ``GPTModel`` stages: each rank's converted part loads into its stage (the
@@ -233,8 +253,11 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
     of (the optimizer-state load path), and the stages gather back to the HF weights on rank 0."""
     _start(rank, world, port, "gloo")
     from megatron.core import parallel_state
+    from safetensors.torch import save_file
 
     from midtrain.checkpoints.host_buffers import HostBuffers
+    from midtrain.checkpoints.megatron_convert import hf_names
+    from midtrain.checkpoints.tensorfile import LazyTensors
     from midtrain.training.megatron_model import build_gpt_model, load_mcore_weights
     from midtrain.training.megatron_shard import RankConversion, gather_model_state
 
@@ -251,7 +274,14 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
         model = build_gpt_model(
             hf.config, tensor_parallel=2, pipeline_parallel=2, padded_vocab_size=conv.padded_vocab
         )
-        load_mcore_weights(model, conv.rank_weights(weights, name), name)
+        mine = conv.rank_weights(weights, name)
+        load_mcore_weights(model, mine, name)
+        # The same part from a weights file, read lazily: only this stage's tensors, each once.
+        path = Path(f"{out}.{name}.{rank}.safetensors")
+        save_file(weights, str(path))
+        lazy = _Reads(LazyTensors.over([path]))
+        from_file = conv.rank_weights(lazy, name)
+        path.unlink()
         params = list(model.named_parameters())
         rebuilt = all(
             torch.equal(conv.rank_piece(n, {p: weights[p] for p in conv.hf_sources(n)}), param)
@@ -260,7 +290,14 @@ def layout_worker(rank: int, world: int, port: int, out: str) -> None:
         buffers = HostBuffers()
         gathered = gather_model_state(conv, params, 0, torch.device("cpu"), buffers.copy)
         buffers.finish()
-        found = {"stage_layers": list(conv.stage.layers), "pieces_rebuild": rebuilt}
+        found = {
+            "stage_layers": list(conv.stage.layers),
+            "pieces_rebuild": rebuilt,
+            "lazy_equal": from_file.keys() == mine.keys()
+            and all(torch.equal(from_file[k], mine[k]) for k in mine),
+            "lazy_read": lazy.read,
+            "stage_hf_names": hf_names(conv.shape, conv.stage),
+        }
         if rank == 0:
             assert gathered is not None
             found["gathered_keys_equal"] = gathered.keys() == weights.keys()

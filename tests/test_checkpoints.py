@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -691,6 +693,68 @@ def test_import_rejects_bad_models(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no model weights"):
         import_hf(src, tmp_path / "o5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no partial output anywhere
+
+
+# --- start weights, read a tensor at a time ------------------------------------------------------
+
+
+def test_model_tensors_are_read_from_their_file_when_looked_up(tmp_path: Path) -> None:
+    """A megatron rank builds its part of the model one tensor at a time from these: nothing is
+    read until a tensor is looked up, and then only that tensor's file."""
+    model = tiny_llama(tie=True)
+    with CheckpointSaver(tmp_path / "run", max_shard_bytes=200_000, log=None) as saver:
+        path = save(saver, model, 3)
+    tensors = load_checkpoint(path).model_tensors()
+    expected = model.state_dict()
+    assert set(tensors) == set(expected) and len(tensors) == len(expected)
+    assert all(torch.equal(tensors[k], v) for k, v in expected.items())  # lm_head: the embedding
+    embed_file = tensors.files["model.embed_tokens.weight"]
+    layer_file = tensors.files["model.layers.1.mlp.down_proj.weight"]
+    assert embed_file != layer_file
+    embed_file.unlink()  # after the listing: the other files' tensors are still read
+    assert torch.equal(
+        tensors["model.layers.1.mlp.down_proj.weight"],
+        expected["model.layers.1.mlp.down_proj.weight"],
+    )
+    with pytest.raises(CheckpointError, match=re.escape(str(embed_file))):
+        tensors["lm_head.weight"]
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_a_hugging_face_start_directory_is_read_as_is_and_checked(
+    tmp_path: Path, layout: str
+) -> None:
+    """model.from_checkpoint on a plain HF directory: its files are read directly (safetensors
+    one tensor at a time), a stale rotary buffer is ignored, and a tensor that does not fit the
+    config is named with both shapes."""
+    from midtrain.checkpoints.hf import hf_dir_weights
+    from midtrain.training.checkpointing import StartPoint
+    from midtrain.training.model import load_hf_config
+
+    model = _hf_model("llama")
+    src = tmp_path / "hf"
+    if layout == "safetensors":
+        model.save_pretrained(src)
+    else:
+        model.config.save_pretrained(src)
+        stale = {"model.rotary_emb.inv_freq": torch.ones(8)}  # older checkpoints stored it
+        torch.save({**model.state_dict(), **stale}, src / "pytorch_model.bin")
+
+    def start() -> StartPoint:
+        weights = partial(hf_dir_weights, src)
+        return StartPoint("from_checkpoint", str(src), load_hf_config(src), None, weights)
+
+    assert "model.rotary_emb.inv_freq" not in hf_dir_weights(src)
+    assert torch.equal(logits(start().build_model().eval()), logits(model))
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError) as err:
+        start().build_model()
+    message = str(err.value)  # which projection comes first depends on the file's order
+    assert message.startswith(f"{src}: model.layers.0.mlp.")
+    assert re.search(
+        r"has shape \((64, 176|176, 64)\), the model's is \((64, 128|128, 64)\)", message
+    )
 
 
 @pytest.mark.gpu

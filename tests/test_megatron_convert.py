@@ -238,6 +238,34 @@ def test_unexpected_tensor_is_named() -> None:
         mcore_to_hf(mc, shape)
 
 
+class _Reads(dict[str, torch.Tensor]):
+    """A state dict that records which tensors were looked up."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(tensors)
+        self.read: list[str] = []
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.read.append(name)
+        return super().__getitem__(name)
+
+
+def test_names_are_checked_before_any_tensor_is_read() -> None:
+    """A lazy state dict (read from files as looked up) costs nothing when its names are wrong."""
+    hf, shape = hf_model("llama-gqa")
+    extra = _Reads({**hf, "model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)})
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.2.mlp.up_proj"):
+        hf_to_mcore(extra, shape)
+    assert extra.read == []
+    lacking = _Reads({k: v for k, v in hf.items() if k != HF_LM_HEAD})
+    with pytest.raises(CheckpointError, match="missing tensor lm_head.weight"):
+        hf_to_mcore(lacking, shape)
+    assert lacking.read == []
+    every = _Reads(hf)
+    hf_to_mcore(every, shape)
+    assert sorted(every.read) == sorted(hf)  # each tensor once
+
+
 def test_megatron_side_errors_name_the_megatron_key() -> None:
     hf, shape = hf_model("llama-gqa")
     mc = hf_to_mcore(hf, shape, "te")

@@ -69,6 +69,10 @@ def test_tensor_2_pipeline_2_weights_load_and_gather_back(
     # megatron's rank order: tensor-parallel ranks adjacent, pipeline stages outermost.
     assert [r["stage_layers"] for r in ranks] == [[0], [0], [1], [1]]
     assert all(r["pieces_rebuild"] for r in ranks)
+    # From a weights file each rank reads its own stage's tensors once, and gets the same part.
+    assert all(r["lazy_equal"] for r in ranks)
+    assert all(sorted(r["lazy_read"]) == sorted(r["stage_hf_names"]) for r in ranks)
+    assert ranks[0]["stage_hf_names"] != ranks[2]["stage_hf_names"]
     assert ranks[0]["gathered_keys_equal"] and ranks[0]["gathered_equal"]
     assert all(r["gathered_is_none"] for r in ranks[1:])
 

@@ -31,7 +31,12 @@ from midtrain.checkpoints.layout import (
 from midtrain.checkpoints.load import Checkpoint, load_checkpoint
 from midtrain.checkpoints.manifest import Manifest, now_iso, read_manifest
 from midtrain.checkpoints.staging import StagingDir, commit
-from midtrain.checkpoints.tensorfile import ProgressFn, read_json, read_safetensors
+from midtrain.checkpoints.tensorfile import (
+    LazyTensors,
+    ProgressFn,
+    read_json,
+    read_safetensors,
+)
 from midtrain.errors import CheckpointError
 from midtrain.fileio import atomic_write_json
 
@@ -66,15 +71,15 @@ def import_hf(
     expected, tied = _expected_tensors(src / CONFIG, config)
     config["tie_word_embeddings"] = tied  # explicit, so loaders agree without class defaults
 
-    sources = _weight_sources(src)
+    paths, load = _weight_files(src)
     seen: set[str] = set()
 
-    def loader(path: Path, load: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], Any]:
-        return lambda: _checked(path, load(), expected, tied, seen)
+    def loader(path: Path) -> Callable[[], Any]:
+        return lambda: _checked(path, load(path), expected, tied, seen)
 
     staging = StagingDir.fresh(dst.parent / f"{STAGING_PREFIX}{dst.name}", progress)
     try:
-        staging.add_model([loader(path, load) for path, load in sources])
+        staging.add_model([loader(path) for path in paths])
         missing = sorted(set(expected) - seen)
         if missing:
             raise CheckpointError(
@@ -206,8 +211,28 @@ def _expected_tensors(
     return shapes, tied
 
 
-def _weight_sources(src: Path) -> list[tuple[Path, Callable[[], dict[str, torch.Tensor]]]]:
-    """(file, loader) per weight file, in the order HF would look for them."""
+def hf_dir_weights(src: Path) -> Mapping[str, torch.Tensor]:
+    """The weights of a local HF model directory by name, for training from it directly:
+    safetensors read lazily (each tensor when looked up, see ``LazyTensors``),
+    ``pytorch_model.bin`` whole (``weights_only``). Buffers older checkpoints stored are left
+    out; names and shapes are for the model that loads them to check."""
+    paths, load = _weight_files(src)
+    if load is read_safetensors:
+        files = LazyTensors.over(paths).files
+        return LazyTensors({k: p for k, p in files.items() if not k.endswith(_IGNORED_SUFFIXES)})
+    state: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for name, tensor in load(path).items():
+            if name in state:
+                raise CheckpointError(f"{path}: tensor {name!r} is also in another weight file")
+            if not name.endswith(_IGNORED_SUFFIXES):
+                state[name] = tensor
+    return state
+
+
+def _weight_files(src: Path) -> tuple[list[Path], Callable[[Path], dict[str, torch.Tensor]]]:
+    """The weight files of an HF directory and the function that reads one: safetensors (one
+    file or an index) first, then ``pytorch_model.bin``, as HF looks for them."""
     for index_name, single, load in (
         (MODEL_INDEX, MODEL_FILE, read_safetensors),
         (BIN_INDEX, BIN_FILE, _load_bin),
@@ -218,7 +243,7 @@ def _weight_sources(src: Path) -> list[tuple[Path, Callable[[], dict[str, torch.
             files = [single]
         else:
             continue
-        return [(src / f, lambda p=src / f, ld=load: ld(p)) for f in files]
+        return [src / f for f in files], load
     raise CheckpointError(
         f"{src}: no model weights ({MODEL_FILE}, {MODEL_INDEX}, {BIN_FILE} or {BIN_INDEX})"
     )

@@ -22,7 +22,13 @@ from midtrain.checkpoints.layout import (
     resolve_checkpoint,
 )
 from midtrain.checkpoints.manifest import Manifest, check_files, read_manifest
-from midtrain.checkpoints.tensorfile import model_weight_files, read_json, read_safetensors
+from midtrain.checkpoints.tensorfile import (
+    LazyTensors,
+    model_weight_files,
+    read_json,
+    read_safetensors,
+    safetensors_keys,
+)
 from midtrain.errors import CheckpointError
 
 KeySelector = Iterable[str] | Callable[[str], bool] | None
@@ -51,19 +57,24 @@ class Checkpoint:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """All model tensors by Hugging Face name. With tied embeddings ``lm_head.weight`` is the
         same tensor as the input embedding, so ``load_state_dict(strict=True)`` works."""
-        state: dict[str, torch.Tensor] = {}
+        tensors = self.model_tensors()
+        state = {name: tensors[name] for name in tensors.files}
+        state.update({alias: state[name] for alias, name in tensors.aliases.items()})
+        return state
+
+    def model_tensors(self) -> LazyTensors:
+        """The model tensors by Hugging Face name, each read when looked up (``model_state_dict``
+        reads them all; a megatron rank reads its part)."""
+        files: dict[str, Path] = {}
         for name, keys in model_weight_files(self.path, self.manifest.files).items():
-            tensors = read_safetensors(self.path / name)
-            if keys and set(keys) != set(tensors):
+            held = safetensors_keys(self.path / name)
+            if keys and set(keys) != set(held):
                 raise CheckpointError(
                     f"{self.path / name}: holds other tensors than its index lists"
                 )
-            state.update(tensors)
-        if self.config.get("tie_word_embeddings"):
-            for tied, source in TIED_WEIGHTS.items():
-                if tied not in state and source in state:
-                    state[tied] = state[source]
-        return state
+            files.update(dict.fromkeys(held, self.path / name))
+        tied = TIED_WEIGHTS if self.config.get("tie_word_embeddings") else {}
+        return LazyTensors(files, tied)
 
     @property
     def has_optimizer(self) -> bool:

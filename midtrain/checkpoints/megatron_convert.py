@@ -37,7 +37,7 @@ Both directions use the same rotary convention (HF's ``rotate_half`` = megatron'
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -377,6 +377,26 @@ def hf_to_mcore(
     not divide the vocabulary. ``stage`` converts one pipeline stage's part only (``hf`` may hold
     the whole model; every tensor in it must still belong to the model).
     """
+    return dict(
+        iter_hf_to_mcore(
+            hf, shape, spec, padded_vocab_size=padded_vocab_size, where=where, stage=stage
+        )
+    )
+
+
+def iter_hf_to_mcore(
+    hf: Mapping[str, torch.Tensor],
+    shape: GPTShape,
+    spec: LayerSpec = "local",
+    *,
+    padded_vocab_size: int | None = None,
+    where: str = "the Hugging Face weights",
+    stage: PipelineStage | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``hf_to_mcore`` one megatron tensor at a time, looking up each HF tensor when the
+    megatron tensor made of it is built: from a ``LazyTensors`` a rank reads only its stage's
+    tensors, and holds one layer's at a time. Names are checked before anything is read (none
+    missing, none the model lacks), shapes as each tensor is read."""
     stage = stage or whole_model(shape)
     if stage.layers.stop > shape.num_layers:
         raise ValueError(f"stage layers {stage.layers} exceed num_layers {shape.num_layers}")
@@ -384,25 +404,26 @@ def hf_to_mcore(
     # Built first: a bad layer spec or padding is refused before any tensor is looked at.
     built = mcore_shapes(shape, spec, padded_vocab_size=vocab, stage=stage)
     needed = hf_shapes(shape, stage)
-    if stage != whole_model(shape):  # this stage's part; the rest must still be the model's
-        unknown = set(hf) - set(hf_names(shape)) - {HF_LM_HEAD}
-        _Tensors({k: hf[k] for k in unknown}, where, _IGNORED_HF_SUFFIXES).finish()
-        # A tied lm_head is checked against the embedding where the stage holds one.
-        tied_head = shape.tie_embeddings and HF_EMBED in needed
-        hf = {k: v for k, v in hf.items() if k in needed or (k == HF_LM_HEAD and tied_head)}
-    src = _Tensors(hf, where, _IGNORED_HF_SUFFIXES)
-    checked = {name: src.take(name, tensor_shape) for name, tensor_shape in needed.items()}
-    if shape.tie_embeddings and HF_LM_HEAD in hf and HF_EMBED in checked:
-        head = src.take(HF_LM_HEAD, needed[HF_EMBED])
-        if not torch.equal(head, checked[HF_EMBED]):
+    model_names = set(hf_names(shape)) | ({HF_LM_HEAD} if shape.tie_embeddings else set())
+    extra = sorted(k for k in hf if k not in model_names and not k.endswith(_IGNORED_HF_SUFFIXES))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]}{more} for this model shape")
+    missing = [k for k in needed if k not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}")
+    src = _Tensors(hf, where)
+    for name in built:
+        parts = {n: src.take(n, needed[n]) for n in hf_sources(name, shape, spec, stage=stage)}
+        tied_head = HF_EMBED in parts and shape.tie_embeddings and HF_LM_HEAD in hf
+        if tied_head and not torch.equal(src.take(HF_LM_HEAD, needed[HF_EMBED]), parts[HF_EMBED]):
             raise CheckpointError(
                 f"{where}: {HF_LM_HEAD} differs from {HF_EMBED} but the model has tied embeddings"
             )
-    src.finish()
-    return {
-        name: hf_to_mcore_tensor(name, checked, shape, spec, padded_vocab_size=vocab, stage=stage)
-        for name in built
-    }
+        yield (
+            name,
+            hf_to_mcore_tensor(name, parts, shape, spec, padded_vocab_size=vocab, stage=stage),
+        )
 
 
 def hf_shapes(shape: GPTShape, stage: PipelineStage | None = None) -> dict[str, tuple[int, ...]]:

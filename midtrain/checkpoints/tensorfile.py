@@ -13,7 +13,7 @@ import json
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -258,6 +258,57 @@ def read_safetensors(path: Path, keys: Sequence[str] | None = None) -> dict[str,
             return {k: f.get_tensor(k) for k in wanted}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names a safetensors file holds (its header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Tensors by name over safetensors files, each read from its file when it is looked up (and
+    not kept): a rank that needs one pipeline stage's part of a model, one tensor at a time, holds
+    that part, not the model. ``aliases`` name a stored tensor under a second name (a tied
+    ``lm_head.weight``)."""
+
+    def __init__(self, files: Mapping[str, Path], aliases: Mapping[str, str] | None = None) -> None:
+        self.files = dict(files)  # tensor name -> the file holding it
+        self.aliases = {
+            k: v for k, v in (aliases or {}).items() if v in self.files and k not in self.files
+        }
+
+    @classmethod
+    def over(cls, paths: Sequence[Path], aliases: Mapping[str, str] | None = None) -> LazyTensors:
+        """The tensors of ``paths``; a name in two files is an error naming both."""
+        files: dict[str, Path] = {}
+        for path in paths:
+            for key in safetensors_keys(path):
+                if key in files:
+                    raise CheckpointError(f"{path}: tensor {key!r} is also in {files[key]}")
+                files[key] = path
+        return cls(files, aliases)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        stored = self.aliases.get(name, name)
+        if stored not in self.files:
+            raise KeyError(name)
+        return read_safetensors(self.files[stored], [stored])[stored]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.files or name in self.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.files
+        yield from self.aliases
+
+    def __len__(self) -> int:
+        return len(self.files) + len(self.aliases)
 
 
 def read_json(path: Path) -> Any:

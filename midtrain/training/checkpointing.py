@@ -12,8 +12,9 @@ already holds checkpoints, so any checkpoint found there belongs to this run).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from midtrain.checkpoints import (
     CheckpointSaver,
     load_checkpoint,
 )
+from midtrain.checkpoints.hf import hf_dir_weights
 from midtrain.checkpoints.layout import MANIFEST
 from midtrain.checkpoints.store import latest_checkpoint
 from midtrain.config import RunSpec
@@ -46,7 +48,7 @@ class StartPoint:
     source: str
     hf_config: transformers.PretrainedConfig
     tokenizer_dir: str | None
-    weights: Callable[[], dict[str, torch.Tensor]] | None = None
+    weights: Callable[[], Mapping[str, torch.Tensor]] | None = None  # by HF name, maybe lazy
     lr: float | None = None  # the LR the start checkpoint was at: where a re-warm starts
     parent: str | None = None
     optimizer: Checkpoint | None = None  # the checkpoint whose optimizer state to load
@@ -62,7 +64,15 @@ class StartPoint:
     def build_model(self, attn_implementation: str | None = None) -> transformers.PreTrainedModel:
         model = build_model(self.hf_config, self.seed, attn_implementation)
         if self.weights is not None:
-            missing, unexpected = model.load_state_dict(self.weights(), strict=False)
+            weights = dict(self.weights())
+            own = model.state_dict()
+            for name, tensor in weights.items():
+                if name in own and tensor.shape != own[name].shape:
+                    raise CheckpointError(
+                        f"{self.source}: {name} has shape {tuple(tensor.shape)}, the model's is "
+                        f"{tuple(own[name].shape)}"
+                    )
+            missing, unexpected = model.load_state_dict(weights, strict=False)
             missing = [k for k in missing if k not in _tied_names(model)]
             if missing or unexpected:
                 raise CheckpointError(
@@ -88,7 +98,7 @@ def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
             source=str(ckpt.path),
             hf_config=load_hf_config(ckpt.path),
             tokenizer_dir=spec.model.tokenizer or str(ckpt.path),
-            weights=ckpt.model_state_dict,
+            weights=ckpt.model_tensors,
             lr=state.get("rewarm_from_lr"),
             parent=ckpt.manifest.parent,
             optimizer=ckpt,
@@ -113,7 +123,7 @@ def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
             source=str(ckpt.path),
             hf_config=config,
             tokenizer_dir=spec.model.tokenizer or str(ckpt.path),
-            weights=ckpt.model_state_dict,
+            weights=ckpt.model_tensors,
             lr=ckpt.manifest.lr,
             parent=str(ckpt.path),
             optimizer=ckpt if load_opt else None,
@@ -127,16 +137,9 @@ def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
         path = Path(spec.model.from_checkpoint)
         if (path / MANIFEST).is_file():
             ckpt = load_checkpoint(path, verify=verify)
-            weights, parent = ckpt.model_state_dict, str(ckpt.path)
+            weights, parent = ckpt.model_tensors, str(ckpt.path)
         else:  # a plain Hugging Face directory
-
-            def weights() -> dict[str, torch.Tensor]:
-                model = transformers.AutoModelForCausalLM.from_pretrained(
-                    str(path), dtype=torch.float32, local_files_only=True, trust_remote_code=False
-                )
-                return model.state_dict()
-
-            parent = str(path)
+            weights, parent = partial(hf_dir_weights, path), str(path)
         return StartPoint(
             kind="from_checkpoint",
             source=str(path),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -158,13 +159,16 @@ class MegatronBackend:
     def _start_weights(self, start: StartPoint) -> dict[str, torch.Tensor]:
         """This rank's tensor-parallel shard of its stage, from the start point's HF weights (a
         new model is initialised by the HF model class, as the DeepSpeed backend does, so both
-        backends start a configured run from the same weights)."""
+        backends start a configured run from the same weights). A checkpoint's weights are read
+        one tensor at a time, this rank's stage only."""
+        hf: Mapping[str, torch.Tensor]
         if start.weights is not None:
             hf = start.weights()
         else:
-            hf = build_model(self.hf_config, start.seed).state_dict()
+            new = build_model(self.hf_config, start.seed).state_dict()
             if self.conv.shape.tie_embeddings:
-                hf.pop("lm_head.weight", None)
+                new.pop("lm_head.weight", None)
+            hf = new
         return self.conv.rank_weights(hf, start.source)  # cast per parameter as they load
 
     # --- a step -------------------------------------------------------------------------------

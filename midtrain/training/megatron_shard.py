@@ -22,8 +22,8 @@ from midtrain.checkpoints.megatron_convert import (
     LayerSpec,
     PipelineStage,
     hf_sources,
-    hf_to_mcore,
     hf_to_mcore_tensor,
+    iter_hf_to_mcore,
     mcore_tensor_to_hf,
     padded_vocab_size,
     pipeline_stage,
@@ -65,8 +65,10 @@ class RankConversion:
         )
 
     def rank_weights(self, hf: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-        """This rank's tensors from a whole model's HF state dict."""
-        mc = hf_to_mcore(
+        """This rank's tensors from a whole model's HF tensors, built one at a time: from a
+        ``LazyTensors`` the rank reads its stage's tensors only and holds its own pieces plus
+        one layer's full tensors, not the model."""
+        converted = iter_hf_to_mcore(
             hf,
             self.shape,
             self.layer_spec,
@@ -74,7 +76,7 @@ class RankConversion:
             where=where,
             stage=self.stage,
         )
-        return shard_tensor_parallel(mc, self.shape, self.tp)[self.tp_rank]
+        return {name: self._piece(name, full) for name, full in converted}
 
     def rank_piece(self, name: str, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This rank's piece of the megatron tensor ``name``, from the HF tensors it is made of
@@ -87,6 +89,9 @@ class RankConversion:
             padded_vocab_size=self.padded_vocab,
             stage=self.stage,
         )
+        return self._piece(name, full)
+
+    def _piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
         return shard_tensor_parallel({name: full}, self.shape, self.tp)[self.tp_rank][name]
 
     def hf_sources(self, name: str) -> list[str]:
