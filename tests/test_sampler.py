@@ -76,15 +76,17 @@ def full_run(cfg: MixtureConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([b.tokens for b in batches]), torch.cat([b.source_ids for b in batches])
 
 
-def reference_sequence(docs: list[np.ndarray], name: str, seed: int, k: int) -> np.ndarray:
+def reference_sequence(
+    docs: list[np.ndarray], name: str, seed: int, k: int, seq: int = SEQ
+) -> np.ndarray:
     """The documented packing, written out directly: shuffle per epoch, concatenate, cut."""
     tokens = sum(len(d) for d in docs)
-    per_epoch = (tokens - 1) // SEQ
+    per_epoch = (tokens - 1) // seq
     epoch, i = divmod(k, per_epoch)
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     order = np.random.default_rng([seed, key, epoch]).permutation(len(docs))
     stream = np.concatenate([docs[j] for j in order])
-    return stream[i * SEQ : i * SEQ + SEQ + 1]
+    return stream[i * seq : i * seq + seq + 1]
 
 
 def test_plan_equals_what_the_sampler_draws(cfg: MixtureConfig, full_run: tuple) -> None:
@@ -136,6 +138,25 @@ def test_sequences_are_windows_of_the_documents(
     for s, (lo, hi) in enumerate([(1000, 3000), (3000, 4000), (5000, 6000)]):
         body = tokens[ids == s]
         assert bool(((body == 0) | ((body >= lo) & (body < hi))).all())
+
+
+@pytest.mark.parametrize("seq", [5, 64])
+def test_windows_over_many_short_and_empty_documents(tmp_path: Path, seq: int) -> None:
+    """A window over dozens of tiny documents (and empty ones) across two files is still the
+    documented packing (a long window is gathered token by token, a short one sliced)."""
+    rng = np.random.default_rng(3)
+    docs = [np.arange(100 * i + 1, 100 * i + 1 + n) for i, n in enumerate(rng.integers(0, 4, 400))]
+    make_prefix(tmp_path / "a", docs[:250])
+    make_prefix(tmp_path / "b", docs[250:])
+    source = {"name": "s", "kind": "curated", "path": [str(tmp_path / "a"), str(tmp_path / "b")]}
+    source["weight"] = 1
+    cfg = MixtureConfig(seq_length=seq, tokens=seq * 500, seed=SEED, sources=[source])
+    sampler = MixtureSampler(cfg)
+    per_epoch = (sum(len(d) for d in docs) - 1) // seq
+    for k in range(2 * per_epoch + 3):  # into a third epoch
+        assert (
+            sampler.sequence(0, k).tolist() == reference_sequence(docs, "s", SEED, k, seq).tolist()
+        )
 
 
 def test_each_epoch_is_a_permutation_of_all_documents(cfg: MixtureConfig, corpus: tuple) -> None:
@@ -251,6 +272,24 @@ def test_state_of_another_mixture_is_refused(cfg: MixtureConfig) -> None:
         MixtureSampler(cfg).load_state_dict(broken)
 
 
+def test_reordered_files_of_a_source_are_refused_on_resume(cfg: MixtureConfig) -> None:
+    """The totals (the fingerprint) stay the same, but the documents' order would not."""
+    sampler = MixtureSampler(cfg)
+    sampler.draw_sources(10)
+    state = sampler.state_dict()
+    swapped = cfg.model_copy(deep=True)
+    swapped.sources[0].path.reverse()
+    with pytest.raises(
+        ConfigError,
+        match=r"source 'law': its files hold 10 documents/.* the saved run's held 15 documents/.*reordered",
+    ):
+        MixtureSampler(swapped).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "layout"}  # saved before layouts were
+    again = MixtureSampler(cfg)
+    again.load_state_dict(older)
+    assert again.position == 10
+
+
 def test_a_longer_run_resumes_within_the_first_stage_only(cfg: MixtureConfig) -> None:
     early, late = MixtureSampler(cfg), MixtureSampler(cfg)
     early.draw_sources(150)
@@ -279,6 +318,43 @@ def test_stats_that_disagree_with_the_index_are_an_error(tmp_path: Path) -> None
     )
     with pytest.raises(DataError, match=r"m.yaml: source 'a': .* but their stats files say 10,000"):
         load_mixture(path).build()
+
+
+def test_a_document_count_that_disagrees_with_the_index_is_an_error(tmp_path: Path) -> None:
+    """Same tokens, other boundaries: another index beside the right data must not pass."""
+    rng = np.random.default_rng(0)
+    make_prefix(tmp_path / "a", random_docs(rng, 5, 10, 20, 1))
+    stats_file = tmp_path / "a.stats.json"
+    stats_file.write_text(json.dumps({**json.loads(stats_file.read_text()), "documents": 6}))
+    source = {"name": "a", "kind": "curated", "path": str(tmp_path / "a"), "weight": 1}
+    cfg = MixtureConfig(seq_length=4, tokens=40, sources=[source])
+    with pytest.raises(DataError, match=r"source 'a': .* tokens in 5 documents but .* in 6"):
+        MixtureSampler(cfg)
+
+
+def test_a_prefix_listed_twice_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    make_prefix(tmp_path / "a", random_docs(rng, 5, 10, 20, 1))
+    for suffix in (".bin", ".idx", ".stats.json"):
+        (tmp_path / f"link{suffix}").symlink_to(tmp_path / f"a{suffix}")
+    a, link = str(tmp_path / "a"), str(tmp_path / "link")
+    for sources in (
+        [{"name": "x", "path": [a, a]}],
+        [{"name": "x", "path": [a]}, {"name": "y", "path": [link]}],
+    ):
+        sources = [{**s, "kind": "curated", "weight": 1} for s in sources]
+        cfg = MixtureConfig(seq_length=4, tokens=40, sources=sources)
+        with pytest.raises(DataError, match=r"is the same data as .*a \(source 'x'\).*seen twice"):
+            plan_mixture(cfg)
+
+
+def test_an_empty_data_file_is_named(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    make_prefix(tmp_path / "a", [list(range(1, 40)) + [0]])
+    (tmp_path / "a.bin").write_bytes(b"")
+    source = {"name": "a", "kind": "curated", "path": str(tmp_path / "a"), "weight": 1}
+    with pytest.raises(DataError, match=r"a\.bin: 0 bytes, but its index describes 160"):
+        MixtureSampler(MixtureConfig(seq_length=4, tokens=40, sources=[source]))
+    assert "Exception ignored" not in capfd.readouterr().err
 
 
 def test_stats_without_the_tokenizer_vocab_size_are_refused(tmp_path: Path) -> None:

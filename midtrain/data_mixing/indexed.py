@@ -178,30 +178,22 @@ def open_indexed(prefix: str | Path) -> IndexedDataset:
             raise DataError(
                 f"{path}: no such file (prepare the corpus with `midtrain data prepare`)"
             )
-    itemsize, sequences = _check_index(idx_path)
-    try:
-        dataset = IndexedDataset(prefix)
-    except (AssertionError, OSError, ValueError) as exc:
-        raise DataError(f"{idx_path}: not a readable indexed dataset ({exc})") from None
-    if sequences:
-        expected = (
-            int(dataset.index.sequence_pointers[-1])
-            + int(dataset.index.sequence_lengths[-1]) * itemsize
-        )
-    else:
-        expected = itemsize  # the padding element of an empty dataset (see IndexedWriter.finish)
+    expected = _check_index(idx_path)
     actual = bin_path.stat().st_size
     if actual != expected:
         raise DataError(
             f"{bin_path}: {actual:,} bytes, but its index describes {expected:,} "
             "(truncated or mixed-up files: prepare it again)"
         )
-    return dataset
+    try:
+        return IndexedDataset(prefix)
+    except (AssertionError, OSError, ValueError) as exc:
+        raise DataError(f"{idx_path}: not a readable indexed dataset ({exc})") from None
 
 
-def _check_index(idx_path: Path) -> tuple[int, int]:
+def _check_index(idx_path: Path) -> int:
     """Check the ``.idx`` header and size before megatron-core reads it (it asserts, and then
-    fails again in ``__del__``). Returns (token itemsize, sequence count)."""
+    fails again in ``__del__``). Returns the size its ``.bin`` must have."""
     size = idx_path.stat().st_size
     with open(idx_path, "rb") as f:
         head = f.read(_IDX_PREAMBLE.size)
@@ -221,4 +213,13 @@ def _check_index(idx_path: Path) -> tuple[int, int]:
             f"{idx_path}: {size:,} bytes, but its header describes {expected:,} "
             "(truncated or corrupt index: prepare it again)"
         )
-    return itemsize, sequences
+    if not sequences:
+        return itemsize  # the padding element of an empty dataset (see IndexedWriter.finish)
+    # The last sequence's length (int32, after the preamble) and byte offset (int64, after the
+    # lengths): where the data ends.
+    with open(idx_path, "rb") as f:
+        f.seek(_IDX_PREAMBLE.size + 4 * (sequences - 1))
+        (last_length,) = struct.unpack("<i", f.read(4))
+        f.seek(_IDX_PREAMBLE.size + 4 * sequences + 8 * (sequences - 1))
+        (last_pointer,) = struct.unpack("<q", f.read(8))
+    return last_pointer + last_length * itemsize

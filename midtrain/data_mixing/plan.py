@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from midtrain.data_mixing.interleave import Interleaver, exact_weights
@@ -216,10 +217,20 @@ def read_sources(cfg: MixtureConfig, where: str) -> list[SourceData]:
     enough tokens for a sequence."""
     sources = []
     first: tuple[str, str, str] | None = None  # (source, prefix, tokenizer fingerprint)
+    listed: dict[Path, tuple[str, str]] = {}  # each prefix's data file -> (source, prefix)
     for src in cfg.sources:
         tokens = documents = 0
         fingerprint = ""
         for prefix in src.path:
+            data = Path(f"{prefix}.bin").resolve()
+            if data in listed:
+                other, again = listed[data]
+                raise DataError(
+                    f"{where}: {prefix} (source {src.name!r}) is the same data as {again} "
+                    f"(source {other!r}): its documents would be seen twice per epoch; list each "
+                    "prepared prefix once (weights set how often a source is seen)"
+                )
+            listed[data] = (src.name, prefix)
             try:
                 stats = load_stats(prefix)
             except DataError as exc:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,21 +70,35 @@ class SourceStream:
     """One source's documents, shuffled per epoch and cut into overlapping windows."""
 
     def __init__(
-        self, name: str, prefixes: list[str], seq_length: int, seed: int, stats_tokens: int
+        self,
+        name: str,
+        prefixes: list[str],
+        seq_length: int,
+        seed: int,
+        stats_tokens: int,
+        stats_documents: int,
     ) -> None:
         self.name = name
         self.seq_length = seq_length
         self.datasets = [open_indexed(p) for p in prefixes]
-        lengths = [ds.sequence_lengths.astype(np.int64) for ds in self.datasets]
-        self._first_doc = [0]  # global document id at which each prefix starts
-        for part in lengths:
-            self._first_doc.append(self._first_doc[-1] + len(part))
-        self._lengths = np.concatenate(lengths)
-        self.tokens = int(self._lengths.sum())
-        if self.tokens != stats_tokens:
+        # Each prefix's tokens, memory-mapped: a window's pieces are sliced or gathered from them.
+        self._files = [
+            np.memmap(f"{p}.bin", dtype=ds.index.dtype, mode="r")
+            for p, ds in zip(prefixes, self.datasets, strict=True)
+        ]
+        # Documents and tokens of each prefix, in order (the sampler state records them).
+        self.layout = [
+            [len(ds.sequence_lengths), int(ds.sequence_lengths.sum(dtype=np.int64))]
+            for ds in self.datasets
+        ]
+        self._first_doc = np.cumsum([0, *(docs for docs, _ in self.layout)])  # global doc ids
+        self._lengths = np.concatenate([ds.sequence_lengths for ds in self.datasets])  # int32
+        self.tokens = sum(tokens for _, tokens in self.layout)
+        if (self.tokens, len(self._lengths)) != (stats_tokens, stats_documents):
             raise DataError(
-                f"its indexed datasets hold {self.tokens:,} tokens but their "
-                f"stats files say {stats_tokens:,} (stale or mixed-up files: prepare it again)"
+                f"its indexed datasets hold {self.tokens:,} tokens in {len(self._lengths):,} "
+                f"documents but their stats files say {stats_tokens:,} tokens in "
+                f"{stats_documents:,} (stale or mixed-up files: prepare it again)"
             )
         self.windows_per_epoch = sequences_per_epoch(self.tokens, seq_length)
         self._seed = [seed % 2**64, _name_key(name)]
@@ -97,7 +110,8 @@ class SourceStream:
         if epoch == self._epoch:
             return
         rng = np.random.default_rng([*self._seed, epoch])
-        self._order = rng.permutation(len(self._lengths))
+        order = rng.permutation(len(self._lengths))
+        self._order = order.astype(np.int32) if len(order) < 2**31 else order  # half the memory
         self._starts = np.zeros(len(self._order) + 1, np.int64)
         np.cumsum(self._lengths[self._order], out=self._starts[1:])
         self._epoch = epoch
@@ -107,19 +121,31 @@ class SourceStream:
         epoch, i = divmod(k, self.windows_per_epoch)
         self._load_epoch(epoch)
         pos, need = i * self.seq_length, self.seq_length + 1
-        j = int(np.searchsorted(self._starts, pos, side="right")) - 1
-        pieces = []
-        while need > 0:  # the window fits in the epoch's stream: (tokens - 1) // L windows
-            doc = int(self._order[j])
-            offset = pos - int(self._starts[j])
-            n = min(int(self._lengths[doc]) - offset, need)
-            if n > 0:
-                part = bisect_right(self._first_doc, doc) - 1
-                local = doc - self._first_doc[part]
-                pieces.append(self.datasets[part].get(local, offset, n))
-                pos, need = pos + n, need - n
-            j += 1
-        return np.concatenate(pieces).astype(np.int64)
+        # The documents the window overlaps (it fits in the epoch's stream: (tokens - 1) // L
+        # windows), and each one's piece of it: where it starts in the document, how long.
+        first = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        end = int(np.searchsorted(self._starts, pos + need, side="left"))
+        docs = self._order[first:end].astype(np.int64)
+        begin = np.maximum(self._starts[first:end], pos)
+        count = np.minimum(self._starts[first + 1 : end + 1], pos + need) - begin
+        # Where each piece starts in its prefix's file, in tokens.
+        part = np.searchsorted(self._first_doc, docs, side="right") - 1
+        start = begin - self._starts[first:end]
+        for p in np.unique(part):
+            mine = part == p
+            pointers = self.datasets[p].index.sequence_pointers[docs[mine] - self._first_doc[p]]
+            start[mine] += pointers // self._files[p].itemsize
+        if len(docs) <= 16:  # a few documents: copy each piece
+            pieces = zip(part.tolist(), start.tolist(), count.tolist(), strict=True)
+            return np.concatenate([self._files[p][a : a + n] for p, a, n in pieces], dtype=np.int64)
+        # Many short documents: one gather per file, a file position for each token.
+        piece = np.repeat(np.arange(len(docs)), count)
+        index = start[piece] + np.arange(need) - (np.cumsum(count) - count)[piece]
+        out = np.empty(need, np.int64)
+        for p in np.unique(part):
+            mine = part[piece] == p
+            out[mine] = self._files[p][index[mine]]
+        return out
 
 
 class MixtureSampler:
@@ -140,7 +166,9 @@ class MixtureSampler:
         self._streams = []
         for s in self.plan.sources:
             try:
-                stream = SourceStream(s.name, s.prefixes, cfg.seq_length, cfg.seed, s.tokens)
+                stream = SourceStream(
+                    s.name, s.prefixes, cfg.seq_length, cfg.seed, s.tokens, s.documents
+                )
             except DataError as exc:
                 raise DataError(f"{self.plan.where}: source {s.name!r}: {exc}") from None
             self._streams.append(stream)
@@ -244,6 +272,9 @@ class MixtureSampler:
             "stage_start": self._bounds[self._stage],
             "stage_counts": dict(zip(names, self._stage_counts, strict=True)),
             "consumed": dict(zip(names, self._consumed, strict=True)),
+            # Documents and tokens of each prefix in order: the stream depends on the order of a
+            # source's files, which the fingerprint (totals) does not see.
+            "layout": {st.name: st.layout for st in self._streams},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -258,6 +289,15 @@ class MixtureSampler:
                 f"{state.get('fingerprint')}, this one is {self._fingerprint}): the seed, "
                 "seq_length, sources, their data, weights or stages changed"
             )
+        for stream in self._streams:
+            saved_layout = state.get("layout", {}).get(stream.name, stream.layout)  # older: none
+            if saved_layout != stream.layout:
+                raise ConfigError(
+                    f"{where}: source {stream.name!r}: its files hold {_layout(stream.layout)}, "
+                    f"the saved run's held {_layout(saved_layout)}: the source's path list was "
+                    "reordered or its files changed, which changes its documents' order; "
+                    "restore the original list"
+                )
         position = state.get("position")
         if not isinstance(position, int) or not 0 <= position <= self.total_sequences:
             raise ConfigError(
@@ -283,3 +323,7 @@ class MixtureSampler:
             raise ConfigError(f"{where}: cannot resume the sampler at {position:,}: {why}")
         self._stage, self._stage_counts, self._consumed = stage, counts, consumed
         self._position = position
+
+
+def _layout(layout: list[list[int]]) -> str:
+    return ", ".join(f"{docs:,} documents/{tokens:,} tokens" for docs, tokens in layout)
