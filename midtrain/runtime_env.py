@@ -46,6 +46,16 @@ def setup_process(accelerator: str | None = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_loggers()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+
+
+def quiet_loggers() -> None:
+    """Our dependencies' loggers at ERROR (unless verbose). Again after ``import ray``: importing
+    it sets the ``ray`` logger back to INFO."""
+    if verbose():
+        return
     for name in (
         "DeepSpeed",
         "deepspeed",
@@ -60,8 +70,10 @@ def setup_process(accelerator: str | None = None) -> None:
         "urllib3",
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # Some of Ray's modules set their own logger to INFO when imported (the Jobs SDK's).
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.startswith("ray.") and isinstance(logger, logging.Logger) and logger.level:
+            logger.setLevel(max(logger.level, logging.ERROR))
 
 
 def _cuda_available() -> bool:

@@ -179,6 +179,23 @@ def test_run_submitted_with_ray_address_streams_logs_and_exits_0(
     assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
     logs = midtrain(env, "jobs", "logs", job_id, "--ray-address", ray_head.url)
     assert logs.returncode == 0 and f"{STEPS}/{STEPS}" in logs.stdout
+    # Quiet by default: none of Ray's INFO lines about uploading the package or the log stream.
+    assert not re.search(r"INFO \S+\.py:\d+ --", out.split("run summary")[0]), out
+
+
+def test_jobs_commands_on_a_finished_or_unknown_job_say_so(
+    ray_head: RayHead, completed: tuple[Path, str]
+) -> None:
+    job_id = re.search(r"submitted Ray job (\S+)", completed[1]).group(1)
+    env = ray_head.client_env()
+    stop = midtrain(env, "jobs", "stop", job_id, "--ray-address", ray_head.url)
+    assert stop.returncode != 0 and f"{job_id} is not running (SUCCEEDED)" in stop.stderr
+    assert "asked to checkpoint" not in stop.stdout
+    follow = midtrain(
+        env, "jobs", "logs", "-f", "midtrain-nope-1234", "--ray-address", ray_head.url
+    )
+    assert follow.returncode != 0 and "midtrain-nope-1234" in follow.stderr
+    assert "Traceback" not in follow.stderr, follow.stderr
 
 
 def test_jobs_stop_checkpoints_and_the_run_resumes_exactly(

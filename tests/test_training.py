@@ -253,6 +253,58 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(
     assert exact_view(run_dir) == exact_view(reference)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_whole_process_group_checkpoints_an_embedded_run(
+    tmp_path: Path,
+    prepared_corpora: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    sig: signal.Signals,
+) -> None:
+    """Ctrl-C in a terminal, `timeout`, systemd and `kill -- -PGID` signal the whole process group,
+    which holds the embedded Ray the driver started: the cluster must not die with it. The run
+    checkpoints and exits for a requeue; a first Ctrl-C is a stop with a checkpoint."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # embedded Ray, as on a laptop
+    name = f"group_{sig.name}"
+    spec = run_spec(
+        tmp_path, prepared_corpora, name, train__max_steps=5000, checkpoint__interval=5000
+    )
+    proc = midtrain(None, "train", str(spec))
+    wait_for_step(tmp_path / name, 3, proc)
+    os.killpg(proc.pid, sig)
+    rc, out = finish(proc)
+    assert rc == 75, out
+    stopped = json.loads((tmp_path / name / "control" / "status.json").read_text())
+    assert stopped["status"] == "preempted" and 3 <= stopped["step"] < 5000
+    assert load_checkpoint(tmp_path / name).step == stopped["step"]
+    assert ("Ctrl-C again to abort" in out) == (sig == signal.SIGINT)
+
+
+def test_an_unreachable_cluster_address_is_an_error_at_once(
+    tmp_path: Path, prepared_corpora: dict[str, Path]
+) -> None:
+    spec = run_spec(tmp_path, prepared_corpora, "nowhere")
+    started = time.time()
+    rc, out = finish(midtrain("127.0.0.1:1", "train", str(spec)), timeout=60)
+    assert rc == 2, out
+    assert "Ray cluster at 127.0.0.1:1 (launch.ray_address or RAY_ADDRESS): cannot connect" in out
+    assert time.time() - started < 50  # Ray alone retries for minutes
+
+
+def test_a_run_dir_the_workers_cannot_see_is_named(
+    tmp_path: Path, prepared_corpora: dict[str, Path]
+) -> None:
+    """On a cluster whose nodes do not share run_dir, the workers would train into a directory
+    the driver never sees (and it would report a failure at the end): they refuse to start."""
+    from midtrain.config import load_run_spec
+    from midtrain.errors import ConfigError
+    from midtrain.training.loop import worker_entry
+
+    spec = load_run_spec(run_spec(tmp_path, prepared_corpora, "elsewhere"))
+    config = {"spec_yaml": spec.to_yaml(), "spec_path": f"{spec.run_dir}/run_spec.yaml"}
+    with pytest.raises(ConfigError, match=r"elsewhere is not visible on node .*every node mounts"):
+        worker_entry(config)
+
+
 def test_lost_worker_is_restarted_and_run_matches(
     tmp_path: Path, prepared_corpora: dict[str, Path], ray_address: str, reference: Path
 ) -> None:

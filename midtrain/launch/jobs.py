@@ -19,7 +19,13 @@ from rich.table import Table
 
 from midtrain.console import console, stdout
 from midtrain.errors import ConfigError, MidtrainError
-from midtrain.launch.ray_cluster import env_jobs_address, jobs_client, ray_errors
+from midtrain.launch.ray_cluster import (
+    env_jobs_address,
+    jobs_client,
+    ray_errors,
+    stream_logs,
+    without_ray_records,
+)
 from midtrain.launch.slurm import COMMENT_PREFIX
 
 SLURM_JOB_ID = re.compile(r"\d+(_\d+)?")
@@ -174,17 +180,15 @@ def ray_status_rows(address: str, job_id: str | None) -> list[tuple[str, ...]]:
     return rows
 
 
-async def _follow(address: str, job_id: str) -> None:
-    async for chunk in jobs_client(address).tail_job_logs(job_id):
-        print(chunk, end="", flush=True)
-
-
 def ray_logs(address: str, job_id: str, follow: bool) -> None:
+    client = jobs_client(address)
     with ray_errors(address):
         if follow:
-            asyncio.run(_follow(address, job_id))
+            client.get_job_info(job_id)  # an unknown id: a one-line error, not a websocket 404
+            asyncio.run(stream_logs(client, job_id))
         else:
-            print(jobs_client(address).get_job_logs(job_id), end="", flush=True)
+            text = client.get_job_logs(job_id)
+            print("\n".join(without_ray_records(text.split("\n"))), end="", flush=True)
 
 
 def ray_stop(address: str, job_id: str) -> None:
@@ -192,7 +196,9 @@ def ray_stop(address: str, job_id: str) -> None:
     # RAY_JOB_STOP_WAIT_TIME_S, which midtrain's submissions set long enough to save.
     client = jobs_client(address)
     with ray_errors(address):
-        client.stop_job(job_id)
+        if not client.stop_job(job_id):
+            status = client.get_job_info(job_id).status.value
+            raise MidtrainError(f"Ray job {job_id} is not running ({status}): nothing to stop")
     console.print(f"Ray job {job_id}: asked to checkpoint and stop")
 
 

@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
 from midtrain.console import console, make_progress, print_table, short_count, table
+from midtrain.errors import ConfigError
 from midtrain.fileio import FollowedFile, atomic_write_text
 from midtrain.launch.start import PreparedRun
 from midtrain.runtime_env import OFFLINE_ENV, verbose
@@ -27,6 +29,11 @@ from midtrain.training.metrics import METRICS_FILE, read_metrics
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
 
 
+# Signals that stop a run with a checkpoint when they reach the driver: a scheduler's or a
+# launcher's (SIGTERM, SIGUSR1), a closed terminal (SIGHUP) and a first Ctrl-C (a second aborts).
+STOP_SIGNALS = (*PREEMPT_SIGNALS, signal.SIGHUP, signal.SIGINT)
+
+
 def init_ray(address: str | None, num_cpus: int) -> None:
     import ray
 
@@ -35,19 +42,50 @@ def init_ray(address: str | None, num_cpus: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {}
     if address is None:
-        # Embedded Ray: logical CPUs are what Ray schedules on; a laptop with 2 cores can still
-        # host 2 workers plus the trainer's controller.
-        kwargs["num_cpus"] = max(num_cpus, os.cpu_count() or 1)
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=verbose(),
-        logging_level=logging.INFO if verbose() else logging.ERROR,
-        runtime_env={
-            "env_vars": {**OFFLINE_ENV, "MIDTRAIN_VERBOSE": os.environ.get("MIDTRAIN_VERBOSE", "")}
-        },
-        **kwargs,
-    )
+        # Embedded Ray: a new local instance, never a cluster that `ray start` left on this
+        # machine. Logical CPUs are what Ray schedules on; a laptop with 2 cores can still host 2
+        # workers plus the trainer's controller.
+        address, kwargs["num_cpus"] = "local", max(num_cpus, os.cpu_count() or 1)
+    else:
+        check_reachable(address)
+    # Ray's processes inherit the signal mask they start with (its workers too, through the
+    # raylet): with the stop signals blocked, a signal to the whole process group (Ctrl-C, a
+    # closed terminal, `timeout`, systemd) reaches the driver only, which checkpoints and stops
+    # the workers, instead of killing the embedded cluster under them. ray.shutdown() still
+    # stops them (SIGKILL after its grace period).
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=verbose(),
+            logging_level=logging.INFO if verbose() else logging.ERROR,
+            runtime_env={
+                "env_vars": {
+                    **OFFLINE_ENV,
+                    "MIDTRAIN_VERBOSE": os.environ.get("MIDTRAIN_VERBOSE", ""),
+                }
+            },
+            **kwargs,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` cluster address must accept a connection: Ray itself retries an unreachable
+    one for minutes with a warning every 40 s and no error."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray://..., or not HOST:PORT: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        hint = " (8265 is the Jobs API: give http://HOST:8265 to --ray-address)"
+        raise ConfigError(
+            f"Ray cluster at {address} (launch.ray_address or RAY_ADDRESS): cannot connect "
+            f"({exc}){hint if port == '8265' else ''}"
+        ) from None
 
 
 def run_on_ray(prepared: PreparedRun) -> int:
@@ -103,9 +141,23 @@ def run_on_ray(prepared: PreparedRun) -> int:
         except Exception as exc:  # Ray wraps worker errors; the cause is what the user needs
             outcome["error"] = exc
 
-    previous = {sig: signal.getsignal(sig) for sig in PREEMPT_SIGNALS}
-    for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, lambda signum, _f: request_stop(run_dir, signal.Signals(signum).name))
+    interrupts = 0
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                raise KeyboardInterrupt
+            # Printed for Ctrl-C only: after a hang-up the terminal is gone.
+            console.print(
+                "stopping at the next step with a checkpoint (Ctrl-C again to abort without one)"
+            )
+        request_stop(run_dir, signal.Signals(signum).name)
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
     started = time.time()
     fitting = threading.Thread(target=fit, name="midtrain-fit", daemon=True)
     try:

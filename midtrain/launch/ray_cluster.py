@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from midtrain.console import console
 from midtrain.errors import ConfigError, MidtrainError
-from midtrain.runtime_env import verbose
+from midtrain.runtime_env import quiet_loggers, verbose
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -104,6 +104,7 @@ def ray_errors(address: str) -> Iterator[None]:
 def jobs_client(address: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
+    quiet_loggers()  # importing ray set its logger back to INFO (uploads, websocket closes)
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with ray_errors(address):
@@ -211,7 +212,7 @@ def submit_run(
         return 0
     try:
         with ray_errors(address):
-            asyncio.run(_stream_logs(client, job_id))
+            asyncio.run(stream_logs(client, job_id))
             return job_exit_status(client, job_id, run_dir)
     except KeyboardInterrupt:
         console.print(
@@ -221,9 +222,24 @@ def submit_run(
         return 130
 
 
-async def _stream_logs(client: JobSubmissionClient, job_id: str) -> None:
+# Ray's own log records in a job's log ("... INFO job_manager.py:581 -- Runtime env is setting
+# up."), left out unless MIDTRAIN_VERBOSE is set.
+_RAY_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(DEBUG|INFO) \S+\.py:\d+ -- ")
+
+
+def without_ray_records(lines: list[str]) -> list[str]:
+    return lines if verbose() else [line for line in lines if not _RAY_RECORD.match(line)]
+
+
+async def stream_logs(client: JobSubmissionClient, job_id: str) -> None:
+    """Print a job's log as it grows (the whole log from its start), Ray's INFO records left out."""
+    pending = ""
     async for chunk in client.tail_job_logs(job_id):
-        print(chunk, end="", flush=True)
+        *lines, pending = (pending + chunk).split("\n")
+        if shown := without_ray_records(lines):
+            print("\n".join(shown), flush=True)
+    if pending:
+        print(pending, flush=True)
 
 
 def job_exit_status(client: JobSubmissionClient, job_id: str, run_dir: str) -> int:
@@ -241,7 +257,15 @@ def job_exit_status(client: JobSubmissionClient, job_id: str, run_dir: str) -> i
         info = client.get_job_info(job_id)
     if info.status == JobStatus.SUCCEEDED:
         return 0
-    console.print(f"Ray job {job_id}: {info.status.value} {info.message or ''}".rstrip())
+    if not info.status.is_terminal():  # the stream broke (a dashboard restart, a proxy timeout)
+        console.print(
+            f"lost the log stream of Ray job {job_id}, which is still {info.status.value}: "
+            f"follow it with `midtrain jobs logs -f {job_id}`"
+        )
+        return 1
+    # Ray's message on a failure ends with the last 20,000 characters of the log just streamed.
+    message = (info.message or "").strip().splitlines()[:1]
+    console.print(f"Ray job {job_id}: {' '.join([info.status.value, *message])}")
     code = info.driver_exit_code
     if isinstance(code, int) and code > 0:
         return code

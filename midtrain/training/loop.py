@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from midtrain.checkpoints import capture_rng_state, restore_rng_state
 from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import MixtureSampler
+from midtrain.errors import ConfigError
 from midtrain.training.backend import Backend, build_backend
 from midtrain.training.checkpointing import RunCheckpointer, resolve_start
 from midtrain.training.control import StopFlag
@@ -233,7 +235,14 @@ def worker_entry(config: dict[str, Any]) -> None:
     from midtrain.runtime_env import setup_process
 
     setup_process()
-    spec = run_spec_from_yaml(config["spec_yaml"], source=str(Path(config["spec_path"])))
+    spec_path = Path(config["spec_path"])
+    spec = run_spec_from_yaml(config["spec_yaml"], source=str(spec_path))
+    if not spec_path.is_file():  # the driver wrote it before starting the workers
+        raise ConfigError(
+            f"run_dir {spec.run_dir} is not visible on node {socket.gethostname()} (the driver "
+            f"wrote {spec_path.name} there): on a cluster, run_dir must be on a filesystem every "
+            "node mounts at the same path"
+        )
     torch.set_num_threads(spec.launch.cpus_per_worker)
     StopFlag(spec.run_dir).record_worker_pid(dist.get_rank())
     train(spec)
