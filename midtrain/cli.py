@@ -387,11 +387,13 @@ def _evaluate_and_report(
     from midtrain.evaluation import (
         DEFAULT_MAX_TOKENS,
         EvalOptions,
+        check_report_dir,
         evaluate,
         print_summary,
         write_report,
     )
 
+    out_dir = check_report_dir(out)  # before the long part, not after it
     options = EvalOptions(
         mixture=opts["mixture"],
         data=list(opts["data"]),
@@ -402,7 +404,7 @@ def _evaluate_and_report(
     )
     ev = evaluate(paths, options, baseline=baseline, all_checkpoints=all_checkpoints)
     print_summary(ev)
-    click.echo(f"report: {write_report(ev, out)}")
+    click.echo(f"report: {write_report(ev, out_dir)}")
 
 
 @cli.command("eval")

@@ -26,13 +26,17 @@ from PIL import Image
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from midtrain.checkpoints import CheckpointMeta, CheckpointSaver, load_model
+from midtrain.checkpoints import load as checkpoint_load
 from midtrain.data_mixing.indexed import open_indexed
+from midtrain.data_mixing.mixture import MixtureConfig
 from midtrain.data_mixing.prepare import PrepareConfig, prepare_corpus
 from midtrain.data_mixing.stats import holdout_prefix
 from midtrain.data_mixing.tokenizer import load_tokenizer
 from midtrain.errors import CheckpointError, ConfigError, DataError
-from midtrain.evaluation import EvalOptions, evaluate, write_report
-from midtrain.evaluation.heldout import make_windows
+from midtrain.evaluation import EvalOptions, check_report_dir, evaluate, perplexity, write_report
+from midtrain.evaluation import report as report_module
+from midtrain.evaluation.evaluate import Target, _unique_names
+from midtrain.evaluation.heldout import build_eval_set, make_windows, sources_from_mixture
 
 SEQ = 32
 MAX_TOKENS = 1500
@@ -41,7 +45,7 @@ EXAMPLE_TASKS = Path(__file__).parent.parent / "examples" / "tasks"
 OPTS = EvalOptions(max_tokens=MAX_TOKENS, batch_size=16, device="cpu")
 
 
-def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(vocab: int, seed: int = 0, positions: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         hidden_size=32,
@@ -49,7 +53,7 @@ def tiny_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
         num_attention_heads=2,
         intermediate_size=64,
         vocab_size=vocab,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
     )
     return LlamaForCausalLM(cfg)
 
@@ -196,16 +200,43 @@ def test_windows_overlap_by_one_and_cover_every_target() -> None:
     assert sum(w.size - 1 for w in windows) == stream.size - 1
 
 
-def test_windows_are_identical_whichever_model_comes_first(runs: dict) -> None:
-    a = evaluate([final(runs["legal"])], OPTS).eval_set
-    b = evaluate([final(runs["general"])], OPTS).eval_set
-    assert a.seq_length == SEQ  # from the mixture in the run spec
-    assert [s.digest for s in a.sources] == [s.digest for s in b.sources]
-    assert all(
-        np.array_equal(x, y)
-        for sa, sb in zip(a.sources, b.sources, strict=True)
-        for x, y in zip(sa.windows, sb.windows, strict=True)
-    )
+def test_the_first_runs_mixture_gives_the_windows_of_every_model(
+    runs: dict, prepared_corpora: dict, tmp_path: Path
+) -> None:
+    # A second run whose saved mixture differs (other seq_length, sources in the other order):
+    # `report A B` is scored on A's mixture's windows, `report B A` on B's, every model alike.
+    legal, general = (str(prepared_corpora[n]) for n in ("legal", "general"))
+    other_mixture = {
+        "seq_length": 16,
+        "sources": [
+            {"name": "general", "kind": "curated", "path": [general], "weight": 1.0},
+            {"name": "legal", "kind": "customer", "path": [legal], "weight": 1.0},
+        ],
+    }
+    other = tmp_path / "other_run"
+    spec = {"run_dir": str(other), "mixture": other_mixture}
+    save(other, tiny_model(runs["vocab"]), 5, runs["tok"], run_spec=yaml.safe_dump(spec))
+    mixtures = {
+        "a": validate_mixture(yaml.safe_load((runs["legal"] / "run_spec.yaml").read_text())),
+        "b": validate_mixture(other_mixture),
+    }
+    tokenizer = load_tokenizer(runs["tok"])
+    opts = EvalOptions(max_tokens=200, device="cpu")
+    for order, first in (((runs["legal"], other), "a"), ((other, runs["legal"]), "b")):
+        ev = evaluate(list(order), opts, all_checkpoints=False)
+        m = mixtures[first]
+        expected = build_eval_set(sources_from_mixture(m), m.seq_length, 200, tokenizer)
+        assert ev.eval_set.seq_length == m.seq_length
+        assert [s.name for s in ev.eval_set.sources] == [s.name for s in expected.sources]
+        assert [s.digest for s in ev.eval_set.sources] == [s.digest for s in expected.sources]
+        for got, want in zip(ev.eval_set.sources, expected.sources, strict=True):
+            assert [w.tolist() for w in got.windows] == [w.tolist() for w in want.windows]
+        for run in ev.runs:  # both runs scored on those sources
+            assert list(run.final.scores) == [s.name for s in expected.sources]
+
+
+def validate_mixture(data: dict) -> MixtureConfig:
+    return MixtureConfig.model_validate(data.get("mixture", data))
 
 
 def test_base_without_run_spec_needs_a_mixture(runs: dict) -> None:
@@ -264,8 +295,11 @@ def test_eval_run_dir_gives_curves_and_a_report(runs: dict, tmp_path: Path) -> N
         > jrun["checkpoints"][-1]["sources"]["legal"]["loss"]
     )
     assert report["eval_set"]["seq_length"] == SEQ
+    # fp32 and bf16 losses differ: what the models ran in is part of what makes reports compare
+    assert report["eval_set"]["device"] == "cpu" and report["eval_set"]["dtype"] == "float32"
 
     text = md.read_text()
+    assert "on cpu in float32" in text
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert pngs == sorted(
         [
@@ -314,13 +348,195 @@ def test_corrupted_checkpoint_is_refused_naming_the_file(runs: dict, tmp_path: P
         evaluate([final(runs["legal"])], OPTS, baseline=bad)
 
 
-def midtrain_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def no_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any model is scored: the refusal under test must come before that."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was scored before the refusal")
+
+    monkeypatch.setattr(perplexity, "score_model", refuse)
+
+
+def test_seq_length_past_the_models_positions_is_refused(
+    runs: dict, prepared_corpora: dict, tmp_path: Path, no_scoring: None
+) -> None:
+    opts = EvalOptions(data=[str(prepared_corpora["legal"])], seq_length=128, device="cpu")
+    with pytest.raises(ConfigError) as exc:
+        evaluate([runs["base"]], opts)
+    msg = str(exc.value)
+    assert str(runs["base"] / "config.json") in msg and "64" in msg and "128" in msg
+    assert "--seq-length" in msg
+    # A baseline too (here the mixture's seq_length, 32, against 16 positions).
+    short = save(tmp_path / "short", tiny_model(runs["vocab"], positions=16), 0, runs["tok"])
+    with pytest.raises(ConfigError) as exc:
+        evaluate([final(runs["legal"])], OPTS, baseline=short)
+    msg = str(exc.value)
+    assert str(short / "config.json") in msg and "16" in msg and "32" in msg
+
+
+def test_every_checkpoint_is_checked_before_any_is_scored(
+    runs: dict, tiny_tokenizer: Path, tmp_path: Path, no_scoring: None
+) -> None:
+    spec = (runs["legal"] / "run_spec.yaml").read_text()
+
+    def run_copy(name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(runs["legal"], run, symlinks=True)
+        return run
+
+    damaged = run_copy("damaged")
+    weights = damaged / "checkpoints" / f"step_{STEPS[-1]:08d}" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        evaluate([damaged], OPTS)
+
+    other_tok = run_copy("other_tok")  # a last checkpoint that carries another tokenizer
+    save(other_tok, tiny_model(runs["vocab"]), 40, tiny_tokenizer, run_spec=spec)
+    with pytest.raises(DataError, match="another tokenizer"):
+        evaluate([other_tok], OPTS)
+
+    small = run_copy("small_vocab")  # a last checkpoint whose vocabulary the data overflows
+    save(small, tiny_model(300), 40, runs["tok"], run_spec=spec)
+    with pytest.raises(DataError, match="outside the vocabulary"):
+        evaluate([small], OPTS)
+
+    short = run_copy("short_context")  # a last checkpoint with fewer positions than a window
+    save(short, tiny_model(runs["vocab"], positions=16), 40, runs["tok"], run_spec=spec)
+    with pytest.raises(ConfigError, match="max_position_embeddings is 16"):
+        evaluate([short], OPTS)
+
+
+def test_each_checkpoint_is_hashed_once(runs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed: list[Path] = []
+    real = checkpoint_load.check_files
+
+    def counting(ckpt_dir: Path, manifest: Any, *, hash_files: bool = True) -> list[str]:
+        if hash_files:
+            hashed.append(ckpt_dir)
+        return real(ckpt_dir, manifest, hash_files=hash_files)
+
+    monkeypatch.setattr(checkpoint_load, "check_files", counting)
+    ev = evaluate([runs["legal"]], EvalOptions(max_tokens=2 * SEQ, device="cpu"))
+    scored = [ev.runs[0].baseline.path] + [c.path for c in ev.runs[0].checkpoints]
+    assert sorted(hashed) == sorted(scored) and len(scored) == 1 + len(STEPS)
+
+
+def test_max_tokens_less_than_a_window_is_refused(runs: dict, no_scoring: None) -> None:
+    with pytest.raises(ConfigError, match="--max-tokens 5 is less than one window"):
+        evaluate([final(runs["legal"])], EvalOptions(max_tokens=5, device="cpu"))
+
+
+def test_a_heldout_split_shorter_than_a_window_is_reported(
+    runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = prepare(tmp_path, runs["tok"], "short", 0.02)
+    ev = evaluate([runs["base"]], EvalOptions(data=[str(prefix)], seq_length=SEQ, device="cpu"))
+    (source,) = ev.eval_set.sources
+    assert 0 < source.target_tokens < SEQ  # the premise: less than one window
+    assert ev.runs[0].final.scores["short"].tokens == source.target_tokens
+    err = capsys.readouterr().err
+    assert "warning: short" in err and f"only {source.target_tokens} tokens" in err
+    text = write_report(ev, tmp_path / "r").read_text()
+    assert f"| short |  | {source.target_tokens} |" in text  # the real count, in the table
+    assert f"shorter than one window: {source.target_tokens} predicted tokens" in text
+
+
+def test_run_names_are_made_unique() -> None:
+    targets = [Target(n, None, []) for n in ("legal", "legal", "legal-2", "legal")]
+    _unique_names(targets)
+    names = [t.name for t in targets]
+    assert len(set(names)) == len(names) and names[0] == "legal"
+
+
+def test_chunked_loss_equals_the_full_logits_cross_entropy(
+    runs: dict, prepared_corpora: dict
+) -> None:
+    model = load_model(final(runs["legal"])).eval()
+    stream = heldout_stream(prepared_corpora["legal"], 4 * (SEQ + 1))
+    windows = torch.from_numpy(stream[: 4 * (SEQ + 1)]).view(4, SEQ + 1)
+    with torch.no_grad():
+        logits = model(input_ids=windows[:, :-1]).logits
+    plain = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1), reduction="none"
+    )
+    expected = plain.view(4, SEQ).double().sum(dim=1)
+    for chunk in (7, SEQ, perplexity.LOSS_CHUNK):  # 7: many chunks, the last one partial
+        got = perplexity.window_nats(model, windows, chunk=chunk)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def report_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_a_new_report_replaces_the_previous_one_whole(
+    runs: dict, prepared_corpora: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = EvalOptions(max_tokens=2 * SEQ, device="cpu")
+    with_gain = evaluate([runs["legal"]], small, all_checkpoints=False)
+    by_prefix = EvalOptions(
+        data=[str(prepared_corpora["legal"])], seq_length=SEQ, max_tokens=2 * SEQ, device="cpu"
+    )
+    without_gain = evaluate([final(runs["legal"])], by_prefix)  # no kinds: no gain chart
+    out = tmp_path / "out"
+    write_report(with_gain, out)
+    assert "gain_vs_forgetting.png" in report_files(out)
+    write_report(without_gain, out)
+    files = report_files(out)
+    report = json.loads(files["report.json"])
+    assert "gain_vs_forgetting.png" not in files  # the previous report's chart is gone
+    assert set(files) == {"report.md", "report.json", *report["plots"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left
+
+    # A failure while writing leaves the previous report exactly as it was.
+    write_report(with_gain, out)
+    before = report_files(out)
+
+    def disk_full(*args: Any) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_module, "report_markdown", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_report(without_gain, out)
+    assert report_files(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_out_dir_that_cannot_take_a_report_is_refused(runs: dict, tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(ConfigError, match="a file, not a directory"):
+        check_report_dir(a_file)
+    with pytest.raises(ConfigError, match=r"--out .*cannot write in .*file\.txt"):
+        check_report_dir(a_file / "report")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    (notes / "report.md").write_text("an old report")
+    with pytest.raises(ConfigError, match=r"not a midtrain report's \(todo\.txt\)"):
+        check_report_dir(notes)
+    assert check_report_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    # The CLI checks --out before anything else (here, before finding the checkpoint is missing).
+    done = midtrain_cli("eval", str(tmp_path / "missing"), "--out", str(notes))
+    assert done.returncode != 0 and "todo.txt" in done.stderr and "Traceback" not in done.stderr
+    assert (notes / "todo.txt").read_text() == "mine" and (notes / "report.md").is_file()
+
+
+def midtrain_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "midtrain.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env=None if env is None else {**os.environ, **env},
+        cwd=cwd,
     )
 
 
@@ -434,21 +650,40 @@ def test_downstream_task_runs_in_lm_eval_on_the_exported_model(
             "--task",
             "legal_continuation",
             "--out",
-            str(tmp_path / "out"),
+            "out,1",  # relative (the harness runs from the tasks dir) and with a comma
             "--limit",
             "12",
             "--device",
             "cpu",
             env=launch_env,
+            cwd=tmp_path,
         )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
-    saved = json.loads((tmp_path / "out" / "downstream.json").read_text())
+    saved = json.loads((tmp_path / "out,1" / "downstream.json").read_text())
     assert saved["checkpoint"] == str(ckpt) and saved["step"] == STEPS[-1]
     for results in (printed, saved["results"]):
         acc = results["legal_continuation"]["acc,none"]
         assert 0.0 <= acc <= 1.0 and acc * 12 == pytest.approx(round(acc * 12))  # k of 12 items
-    assert not list((tmp_path / "out").glob(".hf-export-*"))  # the exported model is cleaned up
+    assert not list((tmp_path / "out,1").glob(".hf-export-*"))  # the exported model is removed
+
+
+def test_downstream_unknown_task_is_refused_before_any_work(runs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = midtrain_cli(
+        "eval-tasks",
+        str(final(runs["legal"])),
+        "--tasks-dir",
+        str(EXAMPLE_TASKS),
+        "--task",
+        "legal_continuatoin",
+        "--out",
+        str(out),
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--task legal_continuatoin" in done.stderr
+    assert "legal_continuation" in done.stderr.split("defines:")[1]  # what the directory has
+    assert not out.exists()  # nothing exported, nothing created
 
 
 def test_continuation_task_from_heldout_text(prepared_corpora: dict, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from midtrain.evaluation.compare import Comparison, SourceChange, compare
 from midtrain.evaluation.evaluate import EvalOptions, Evaluation, RunEval, evaluate
 from midtrain.evaluation.heldout import DEFAULT_MAX_TOKENS, EvalSet, build_eval_set
 from midtrain.evaluation.perplexity import CheckpointScores, SourceScore, score_checkpoint
-from midtrain.evaluation.report import print_summary, write_report
+from midtrain.evaluation.report import check_report_dir, print_summary, write_report
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -21,6 +21,7 @@ __all__ = [
     "SourceChange",
     "SourceScore",
     "build_eval_set",
+    "check_report_dir",
     "compare",
     "evaluate",
     "print_summary",

@@ -11,6 +11,7 @@ runs the harness's ``hf`` model on it. The harness runs from the tasks directory
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import random
@@ -90,8 +91,11 @@ def run_tasks(
     tasks_dir = Path(tasks_dir).absolute()
     if not tasks_dir.is_dir():
         raise ConfigError(f"{tasks_dir}: no such tasks directory")
+    task_manager = TaskManager(include_path=str(tasks_dir))
+    check_task_names(tasks, task_manager, tasks_dir)  # before the export and the out dir
     checked = load_checkpoint(ckpt)
-    out = Path(out_dir)
+    # Absolute: the harness runs from the tasks directory.
+    out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     if device in (None, "auto"):
         import torch
@@ -102,9 +106,15 @@ def run_tasks(
         with _harness_process(tasks_dir):
             results = lm_eval.simple_evaluate(
                 model="hf",
-                model_args=f"pretrained={hf_dir},dtype=float32",
+                # A dict, not "k=v,k=v": a path may hold a comma. local_files_only: the
+                # exported directory, never a Hub repo of the same name.
+                model_args={
+                    "pretrained": str(hf_dir),
+                    "dtype": "float32",
+                    "local_files_only": True,
+                },
                 tasks=tasks,
-                task_manager=TaskManager(include_path=str(tasks_dir)),
+                task_manager=task_manager,
                 batch_size=batch_size,
                 device=device,
                 limit=limit,
@@ -113,6 +123,29 @@ def run_tasks(
     report = {"checkpoint": str(checked.path), "step": checked.step, "results": per_task}
     atomic_write_text(out / "downstream.json", json.dumps(report, indent=2, default=str) + "\n")
     return per_task
+
+
+def check_task_names(tasks: list[str], task_manager: Any, tasks_dir: Path) -> None:
+    """Every ``--task`` must be one the harness knows (from ``tasks_dir`` or its own); the error
+    lists the tasks ``tasks_dir`` defines and the nearest names."""
+    known = set(task_manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if not unknown:
+        return
+    local = sorted(n for n, e in task_manager.task_index.items() if _defined_in(e, tasks_dir))
+    near = sorted({m for t in unknown for m in difflib.get_close_matches(t, known, n=3)})
+    raise ConfigError(
+        f"--task {', '.join(unknown)}: no such task in {tasks_dir} or the harness's own; "
+        f"{tasks_dir} defines: {', '.join(local[:10]) or 'none'}"
+        + (f"; similar names: {', '.join(near)}" if near else "")
+    )
+
+
+def _defined_in(entry: Any, tasks_dir: Path) -> bool:
+    """Whether a task index entry comes from a YAML file under ``tasks_dir`` (entries are dicts
+    in older harness releases, objects in newer ones)."""
+    path = entry.get("yaml_path") if isinstance(entry, dict) else getattr(entry, "yaml_path", None)
+    return isinstance(path, (str, os.PathLike)) and Path(path).is_relative_to(tasks_dir)
 
 
 # --- building a local task from held-out text ------------------------------------------------------

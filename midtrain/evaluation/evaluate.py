@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from midtrain import console
 from midtrain.checkpoints import (
     Checkpoint,
@@ -39,9 +41,12 @@ from midtrain.evaluation.heldout import (
 from midtrain.evaluation.perplexity import (
     DEFAULT_BATCH_SIZE,
     CheckpointScores,
+    check_positions,
     check_tokenizer,
+    check_vocab,
+    eval_dtype,
     pick_device,
-    score_checkpoint,
+    score_checked,
 )
 from midtrain.training.metrics import read_metrics
 
@@ -201,17 +206,38 @@ def evaluate(
         if base is None and t.baseline is not None:
             console.info(f"{t.name}: comparing with its start checkpoint {t.baseline}")
     specs, seq_length = resolve_sources(opts, targets[0])
+    if opts.max_tokens < seq_length:
+        raise ConfigError(
+            f"--max-tokens {opts.max_tokens} is less than one window (seq_length {seq_length}); "
+            f"give --max-tokens {seq_length} or more, or a smaller --seq-length"
+        )
+    device = pick_device(opts.device)
 
-    # The first model's tokenizer decodes the held-out text for byte counts, after the check
-    # that the data was tokenized with it.
-    first = load_checkpoint(targets[0].checkpoints[0])
-    check_tokenizer(first, specs)
-    eval_set = build_eval_set(specs, seq_length, opts.max_tokens, load_tokenizer(first.path))
-
-    # Baselines first: a damaged baseline stops the run before the long part.
+    # Every model is verified (sha256, once) and checked before anything is scored, so that a bad
+    # checkpoint late in a run stops the command at once rather than after the others are scored.
+    # Baselines first: they are scored first too.
     to_score = [c for t in targets for c in t.checkpoints]
     to_score = sorted({t.baseline for t in targets if t.baseline} - set(to_score)) + to_score
-    scores = _score_all(to_score, eval_set, opts, preloaded=first)
+    ckpts = {p: load_checkpoint(p) for p in to_score}
+    for ckpt in ckpts.values():
+        check_positions(ckpt, seq_length)
+        check_tokenizer(ckpt, specs)
+    # The first model's tokenizer decodes the held-out text for byte counts (all were just
+    # matched with the data's).
+    first = ckpts[targets[0].checkpoints[0]]
+    eval_set = build_eval_set(specs, seq_length, opts.max_tokens, load_tokenizer(first.path))
+    eval_set.device, eval_set.dtype = str(device), str(eval_dtype(device)).removeprefix("torch.")
+    for ckpt in ckpts.values():
+        check_vocab(ckpt, eval_set)
+    for source in eval_set.sources:
+        if source.target_tokens < seq_length:
+            console.info(
+                f"warning: {source.name}: its held-out split has only {source.target_tokens} "
+                f"tokens to predict, less than one window of {seq_length}; its numbers rest on "
+                "those tokens alone (prepare it with a larger --holdout-fraction)"
+            )
+
+    scores = _score_all(ckpts, eval_set, opts.batch_size, device)
     runs = [
         RunEval(
             name=t.name,
@@ -226,29 +252,32 @@ def evaluate(
 
 
 def _unique_names(targets: list[Target]) -> None:
-    seen: dict[str, int] = {}
+    """Suffix repeated run names -2, -3, ...; a suffixed name may itself be taken (``legal,
+    legal, legal-2``), so count on until it is free."""
+    taken: set[str] = set()
     for t in targets:
-        if t.name in seen:
-            seen[t.name] += 1
-            t.name = f"{t.name}-{seen[t.name]}"
-        else:
-            seen[t.name] = 1
+        name, n = t.name, 1
+        while name in taken:
+            n += 1
+            name = f"{t.name}-{n}"
+        taken.add(name)
+        t.name = name
 
 
 def _score_all(
-    paths: list[Path], eval_set: EvalSet, opts: EvalOptions, preloaded: Checkpoint
+    ckpts: dict[Path, Checkpoint], eval_set: EvalSet, batch_size: int, device: torch.device
 ) -> dict[Path, CheckpointScores]:
-    device = pick_device(opts.device)
+    """Score each verified and checked checkpoint, by the path it was found at."""
     per_model = sum(len(s.windows) for s in eval_set.sources)
     out: dict[Path, CheckpointScores] = {}
     with console.make_progress() as progress:
-        task = progress.add_task("evaluating", total=per_model * len(paths), extra="")
-        for path in paths:
+        task = progress.add_task("evaluating", total=per_model * len(ckpts), extra="")
+        for path, ckpt in ckpts.items():
             progress.update(task, extra=f"{path.name} on {device}")
-            out[path] = score_checkpoint(
-                preloaded if path == preloaded.path else path,
+            out[path] = score_checked(
+                ckpt,
                 eval_set,
-                batch_size=opts.batch_size,
+                batch_size=batch_size,
                 device=device,
                 advance=lambda n: progress.advance(task, n),
             )

@@ -71,11 +71,17 @@ class EvalSet:
     seq_length: int
     max_tokens: int
     sources: list[HeldOutSource]
+    # Where and in which precision the models were scored: bf16 and fp32 losses differ by about a
+    # small forgetting value, so two reports compare only when these match too.
+    device: str | None = None
+    dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "seq_length": self.seq_length,
             "max_tokens": self.max_tokens,
+            "device": self.device,
+            "dtype": self.dtype,
             "sources": [s.to_json() for s in self.sources],
         }
 

@@ -4,6 +4,10 @@ The maths is the training loss's (mean next-token cross-entropy; inputs ``w[:-1]
 ``w[1:]``), kept here rather than imported from ``midtrain.training`` so that evaluating pulls in
 neither DeepSpeed nor Ray. Sums are taken in float64 over all predicted tokens, so a source's loss
 is the mean over its tokens, not over its windows.
+
+The output layer and the cross-entropy run on `LOSS_CHUNK` positions at a time, so the full
+[batch, seq, vocab] logits never exist at once (at seq 4096, vocab 128k and batch 8 they and their
+fp32 copy would take ~40 GB).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from midtrain.errors import CheckpointError, ConfigError, DataError
 from midtrain.evaluation.heldout import EvalSet, SourceSpec, split_tokenizer
 
 DEFAULT_BATCH_SIZE = 8
+LOSS_CHUNK = 1024  # positions per output-layer call: 1024 x 128k vocab in fp32 is 512 MiB
 
 
 def exp_or_inf(x: float) -> float:
@@ -98,6 +103,25 @@ def pick_device(device: str | None = None) -> torch.device:
     return dev
 
 
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU, bf16 on a GPU that supports it. Losses differ between the two by about as much
+    as a small forgetting value, so the report records which was used."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_positions(ckpt: Checkpoint, seq_length: int) -> None:
+    """The model must have a position for every input of a window (``seq_length`` of them): past
+    ``max_position_embeddings`` a model still returns numbers, but meaningless ones."""
+    limit = ckpt.config.get("max_position_embeddings")
+    if isinstance(limit, int) and seq_length > limit:
+        raise ConfigError(
+            f"{ckpt.path / 'config.json'}: max_position_embeddings is {limit}, less than the "
+            f"evaluation's seq_length {seq_length}; give --seq-length {limit} or less"
+        )
+
+
 def check_tokenizer(ckpt: Checkpoint, specs: list[SourceSpec]) -> None:
     """Every held-out split must come from the checkpoint's own tokenizer."""
     try:
@@ -131,15 +155,31 @@ def check_vocab(ckpt: Checkpoint, eval_set: EvalSet) -> None:
             )
 
 
+def check_checkpoint(ckpt: Checkpoint, eval_set: EvalSet) -> None:
+    """Everything about a verified checkpoint that can be refused before it is scored."""
+    check_positions(ckpt, eval_set.seq_length)
+    check_tokenizer(ckpt, [s.spec for s in eval_set.sources])
+    check_vocab(ckpt, eval_set)
+
+
 @torch.no_grad()
-def window_nats(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy (nats) of each window in ``windows`` [B, L+1] -> [B]."""
-    inputs, targets = windows[:, :-1], windows[:, 1:]
-    logits = model(input_ids=inputs).logits
-    nats = F.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-    )
-    return nats.view(targets.shape).double().sum(dim=1)
+def window_nats(
+    model: torch.nn.Module, windows: torch.Tensor, chunk: int = LOSS_CHUNK
+) -> torch.Tensor:
+    """Summed next-token cross-entropy (nats) of each window in ``windows`` [B, L+1] -> [B].
+
+    The decoder (``base_model``, final norm included) runs once; the output layer and the
+    cross-entropy then run on ``chunk`` positions at a time. This is the layout of the Llama-family
+    models midtrain supports: the logits are ``lm_head(hidden)``, nothing after it."""
+    inputs, targets = windows[:, :-1], windows[:, 1:].reshape(-1)
+    hidden = model.base_model(input_ids=inputs, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    head = model.get_output_embeddings()
+    nats = torch.empty(targets.shape, dtype=torch.float32, device=windows.device)
+    for start in range(0, targets.numel(), chunk):
+        part = slice(start, start + chunk)
+        nats[part] = F.cross_entropy(head(hidden[part]).float(), targets[part], reduction="none")
+    return nats.view(windows.size(0), -1).double().sum(dim=1)
 
 
 def source_nats(
@@ -184,11 +224,8 @@ def score_model(
 
 
 def load_eval_model(ckpt: Checkpoint, device: torch.device) -> torch.nn.Module:
-    """The checkpoint's model on ``device``: fp32 on CPU, bf16 on a GPU that supports it."""
-    dtype = torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    model = load_model(ckpt, dtype=dtype)
+    """The checkpoint's model on ``device``, in `eval_dtype`."""
+    model = load_model(ckpt, dtype=eval_dtype(device))
     return model.to(device).eval()
 
 
@@ -200,12 +237,24 @@ def score_checkpoint(
     device: str | torch.device | None = None,
     advance: Callable[[int], None] | None = None,
 ) -> CheckpointScores:
-    """Verify a checkpoint (manifest, tokenizer, vocabulary), then score it on ``eval_set``."""
+    """Verify a checkpoint (manifest, positions, tokenizer, vocabulary), then score it on
+    ``eval_set``."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
-    check_tokenizer(ckpt, [s.spec for s in eval_set.sources])
-    check_vocab(ckpt, eval_set)
+    check_checkpoint(ckpt, eval_set)
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    model = load_eval_model(ckpt, dev)
-    scores = score_model(model, eval_set, batch_size=batch_size, device=dev, advance=advance)
+    return score_checked(ckpt, eval_set, batch_size=batch_size, device=dev, advance=advance)
+
+
+def score_checked(
+    ckpt: Checkpoint,
+    eval_set: EvalSet,
+    *,
+    batch_size: int,
+    device: torch.device,
+    advance: Callable[[int], None] | None = None,
+) -> CheckpointScores:
+    """Score a checkpoint that `check_checkpoint` has accepted (see `score_checkpoint`)."""
+    model = load_eval_model(ckpt, device)
+    scores = score_model(model, eval_set, batch_size=batch_size, device=device, advance=advance)
     return CheckpointScores(ckpt.path, ckpt.step, ckpt.tokens, scores)

@@ -1,17 +1,26 @@
 """The evaluation report: ``report.json`` (every number), ``report.md`` (tables, linked charts) and
-the PNG charts, in one output directory. Each file is written atomically; report.md comes last."""
+the PNG charts, in one output directory.
+
+The files are written into a temporary directory beside it, then moved in with report.md last;
+a previous report's files that the new one lacks are removed. So report.md always describes the
+files beside it, and a failure before the move leaves the previous report as it was.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from midtrain import console
 from midtrain.console import fmt
+from midtrain.errors import ConfigError
 from midtrain.evaluation.compare import Comparison
 from midtrain.evaluation.evaluate import Evaluation, RunEval
 from midtrain.evaluation.plots import write_plots
-from midtrain.fileio import atomic_write_json, atomic_write_text
+from midtrain.fileio import atomic_write_json, atomic_write_text, fsync_dir
 
 REPORT_FORMAT = "midtrain.eval/1"
 
@@ -21,6 +30,7 @@ PLOT_TITLES = {
     "heldout_perplexity.png": "Held-out perplexity per source and checkpoint",
     "gain_vs_forgetting.png": "Domain gain vs. forgetting",
 }
+REPORT_FILES = frozenset({"report.md", "report.json", *PLOT_TITLES})
 
 
 def report_json(ev: Evaluation, plots: list[str]) -> dict[str, Any]:
@@ -120,8 +130,9 @@ def report_markdown(ev: Evaluation, plots: list[str]) -> str:
         "",
         f"Held-out windows of {es.seq_length + 1} tokens (seq_length {es.seq_length}), at most "
         f"{es.max_tokens:,} predicted tokens per source; every model below is scored on the same "
-        "windows (same sha256). Loss is in nats per token; perplexity = exp(loss); bits per byte "
-        "= total nats / (ln 2 x UTF-8 bytes of the predicted text).",
+        f"windows (same sha256), on {es.device or '?'} in {es.dtype or '?'}. Loss is in nats per "
+        "token; perplexity = exp(loss); bits per byte = total nats / (ln 2 x UTF-8 bytes of the "
+        "predicted text). Reports compare when the hashes, seq_length and dtype match.",
         "",
         _table(
             ["source", "kind", "tokens", "bytes", "windows", "sha256"],
@@ -136,6 +147,12 @@ def report_markdown(ev: Evaluation, plots: list[str]) -> str:
                 ]
                 for s in es.sources
             ],
+        ),
+        *(
+            f"\nNote: {s.name}'s held-out split is shorter than one window: {s.target_tokens} "
+            "predicted tokens only."
+            for s in es.sources
+            if s.target_tokens < es.seq_length
         ),
         "",
         "## Summary",
@@ -164,15 +181,60 @@ def report_markdown(ev: Evaluation, plots: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def check_report_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as an absolute path, if it can take a report: refused (before anything is
+    evaluated) when it is a file, holds files that are not a report's, or cannot be written."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a directory")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ConfigError(
+                f"--out {out}: holds files that are not a midtrain report's ({listed}); "
+                "give a new or empty directory"
+            )
+    # The report is written beside `out`, then moved into it: both places must take files.
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    for place in {where, out} if out.is_dir() else {where}:
+        try:
+            tempfile.TemporaryDirectory(dir=place).cleanup()
+        except OSError as exc:
+            raise ConfigError(f"--out {out}: cannot write in {place} ({exc.strerror})") from None
+    return out
+
+
 def write_report(ev: Evaluation, out_dir: str | Path) -> Path:
-    """Write the charts, report.json and report.md (last) into ``out_dir``; returns report.md."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = sorted(write_plots(ev, out), key=list(PLOT_TITLES).index)
-    atomic_write_json(out / "report.json", report_json(ev, plots))
-    md = out / "report.md"
-    atomic_write_text(md, report_markdown(ev, plots))
-    return md
+    """Write the charts, report.json and report.md into ``out_dir`` (see the module's docstring);
+    returns report.md."""
+    out = check_report_dir(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new-"))
+    try:
+        plots = sorted(write_plots(ev, new), key=list(PLOT_TITLES).index)
+        atomic_write_json(new / "report.json", report_json(ev, plots))
+        atomic_write_text(new / "report.md", report_markdown(ev, plots))
+        _move_in(new, out)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    return out / "report.md"
+
+
+def _move_in(new: Path, out: Path) -> None:
+    out.mkdir(exist_ok=True)
+    names = {p.name for p in new.iterdir()}
+    # The old report.md goes first: until the new one lands, none describes a mix of files.
+    (out / "report.md").unlink(missing_ok=True)
+    for name in sorted(names - {"report.md"}):
+        os.replace(new / name, out / name)
+    for old in out.iterdir():
+        if old.name in REPORT_FILES and old.name not in names:
+            old.unlink()
+    os.replace(new / "report.md", out / "report.md")
+    fsync_dir(out)
 
 
 def print_summary(ev: Evaluation) -> None:

@@ -56,7 +56,7 @@ def build_model(
     ``attn_implementation`` wins over the config's (a saved config.json does not record it)."""
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(
-        config, torch_dtype=torch.float32, attn_implementation=attn_implementation
+        config, dtype=torch.float32, attn_implementation=attn_implementation
     )
 
 
