@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/midtrain demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15  # the slowest tests, to keep the suite short
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"

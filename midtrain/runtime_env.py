@@ -71,7 +71,7 @@ def quiet_loggers() -> None:
     ):
         logging.getLogger(name).setLevel(logging.ERROR)
     # Some of Ray's modules set their own logger to INFO when imported (the Jobs SDK's).
-    for name, logger in logging.root.manager.loggerDict.items():
+    for name, logger in list(logging.root.manager.loggerDict.items()):  # others may add some
         if name.startswith("ray.") and isinstance(logger, logging.Logger) and logger.level:
             logger.setLevel(max(logger.level, logging.ERROR))
 

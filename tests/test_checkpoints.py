@@ -757,6 +757,30 @@ def test_a_hugging_face_start_directory_is_read_as_is_and_checked(
     )
 
 
+def test_a_tied_hugging_face_start_keeps_its_embedding_over_a_stored_lm_head(
+    tmp_path: Path,
+) -> None:
+    """Some tied checkpoints also store lm_head.weight; the embedding is the weight (as in
+    from_pretrained and ckpt import-hf), not whichever of the two loads last."""
+    from safetensors.torch import save_file
+
+    from midtrain.checkpoints.hf import hf_dir_weights
+    from midtrain.training.checkpointing import StartPoint
+    from midtrain.training.model import load_hf_config
+
+    model = _hf_model("qwen2")  # tied
+    src = tmp_path / "hf"
+    model.config.save_pretrained(src)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    embed = state["model.embed_tokens.weight"]
+    save_file({**state, "lm_head.weight": torch.randn_like(embed)}, str(src / "model.safetensors"))
+    assert "lm_head.weight" not in hf_dir_weights(src)
+    start = StartPoint(
+        "from_checkpoint", str(src), load_hf_config(src), None, partial(hf_dir_weights, src)
+    )
+    assert torch.equal(start.build_model().model.embed_tokens.weight, embed)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_tensors_save_blocking_and_async(tmp_path: Path) -> None:

@@ -159,6 +159,20 @@ def test_windows_over_many_short_and_empty_documents(tmp_path: Path, seq: int) -
         )
 
 
+def test_each_data_file_is_mapped_once(tmp_path: Path) -> None:
+    """A source may have thousands of shards: the sampler reads megatron's mapping of each .bin
+    rather than mapping (and holding a descriptor for) it a second time."""
+    rng = np.random.default_rng(0)
+    prefixes = [tmp_path / f"shard{i}" for i in range(3)]
+    for i, prefix in enumerate(prefixes):
+        make_prefix(prefix, random_docs(rng, 5, 10, 20, 1000 * (i + 1)))
+    source = {"name": "s", "kind": "curated", "path": [str(p) for p in prefixes], "weight": 1}
+    sampler = MixtureSampler(MixtureConfig(seq_length=4, tokens=40, sources=[source]))
+    sampler.next_global_batch(4)
+    maps = Path("/proc/self/maps").read_text()
+    assert [maps.count(f"{p}.bin") for p in prefixes] == [1, 1, 1]
+
+
 def test_each_epoch_is_a_permutation_of_all_documents(cfg: MixtureConfig, corpus: tuple) -> None:
     sampler = MixtureSampler(cfg)
     docs = corpus[1]["news"]
@@ -284,6 +298,17 @@ def test_reordered_files_of_a_source_are_refused_on_resume(cfg: MixtureConfig) -
         match=r"source 'law': its files hold 10 documents/.* the saved run's held 15 documents/.*reordered",
     ):
         MixtureSampler(swapped).load_state_dict(state)
+    # Equal-sized shards (the usual case) listed the other way round are refused too.
+    tmp = Path(cfg.sources[0].path[0]).parent
+    make_prefix(tmp / "even_a", [[1, 2, 3, 0], [4, 5, 0], [6, 0]])
+    make_prefix(tmp / "even_b", [[7, 0], [8, 9, 0], [10, 11, 12, 0]])
+    even = cfg.model_copy(deep=True)
+    even.sources[0].path = [str(tmp / "even_a"), str(tmp / "even_b")]
+    state = json.loads(json.dumps(MixtureSampler(even).state_dict()))  # as a checkpoint holds it
+    even.sources[0].path.reverse()
+    with pytest.raises(ConfigError, match=r"source 'law': .*reordered"):
+        MixtureSampler(even).load_state_dict(state)
+    state = sampler.state_dict()
     older = {k: v for k, v in state.items() if k != "layout"}  # saved before layouts were
     again = MixtureSampler(cfg)
     again.load_state_dict(older)

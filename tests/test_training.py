@@ -11,8 +11,10 @@ import contextlib
 import json
 import math
 import os
+import pty
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -265,9 +267,8 @@ def test_a_signal_to_the_whole_process_group_checkpoints_an_embedded_run(
     checkpoints and exits for a requeue; a first Ctrl-C is a stop with a checkpoint."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # embedded Ray, as on a laptop
     name = f"group_{sig.name}"
-    spec = run_spec(
-        tmp_path, prepared_corpora, name, train__max_steps=5000, checkpoint__interval=5000
-    )
+    long_run = {"train__max_steps": 5000, "checkpoint__interval": 5000, "workers": 1}
+    spec = run_spec(tmp_path, prepared_corpora, name, **long_run)
     proc = midtrain(None, "train", str(spec))
     wait_for_step(tmp_path / name, 3, proc)
     os.killpg(proc.pid, sig)
@@ -279,6 +280,32 @@ def test_a_signal_to_the_whole_process_group_checkpoints_an_embedded_run(
     assert ("Ctrl-C again to abort" in out) == (sig == signal.SIGINT)
 
 
+def test_after_a_hang_up_the_driver_writes_nowhere_instead_of_failing(tmp_path: Path) -> None:
+    """A closed terminal: writing to it fails (EIO), which would end the driver before the
+    workers' checkpoint; after a SIGHUP its output goes nowhere instead."""
+    from midtrain.launch.local import _detach_from_terminal
+
+    found = tmp_path / "found"
+    pid, master = pty.fork()
+    if pid == 0:  # the child: stdout and stderr are the terminal
+        signal.signal(signal.SIGHUP, lambda *_: None)  # the driver handles it (stops the run)
+        outcome = []
+        time.sleep(1.0)  # the parent has closed the terminal by now
+        for _ in range(2):
+            try:
+                os.write(1, b"step 7/100\n")  # fd 1 itself: pytest captures sys.stdout
+                outcome.append("written")
+            except OSError:
+                outcome.append("failed")
+            _detach_from_terminal()
+        found.write_text(" ".join(outcome))
+        os._exit(0)
+    time.sleep(0.3)  # the child's SIGHUP handler is in place
+    os.close(master)
+    os.waitpid(pid, 0)
+    assert found.read_text() == "failed written"
+
+
 def test_an_unreachable_cluster_address_is_an_error_at_once(
     tmp_path: Path, prepared_corpora: dict[str, Path]
 ) -> None:
@@ -288,6 +315,22 @@ def test_an_unreachable_cluster_address_is_an_error_at_once(
     assert rc == 2, out
     assert "Ray cluster at 127.0.0.1:1 (launch.ray_address or RAY_ADDRESS): cannot connect" in out
     assert time.time() - started < 50  # Ray alone retries for minutes
+
+
+def test_a_reachable_address_passes_the_check_also_in_ipv6_brackets() -> None:
+    from midtrain.launch.local import check_reachable
+
+    for family, host, shown in (
+        (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+        (socket.AF_INET6, "::1", "[::1]"),
+    ):
+        with socket.socket(family) as server:
+            try:
+                server.bind((host, 0))
+            except OSError:
+                pytest.skip(f"no {host} loopback on this machine")
+            server.listen()
+            check_reachable(f"{shown}:{server.getsockname()[1]}")  # no error
 
 
 def test_a_run_dir_the_workers_cannot_see_is_named(

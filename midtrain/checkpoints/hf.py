@@ -215,17 +215,24 @@ def hf_dir_weights(src: Path) -> Mapping[str, torch.Tensor]:
     """The weights of a local HF model directory by name, for training from it directly:
     safetensors read lazily (each tensor when looked up, see ``LazyTensors``),
     ``pytorch_model.bin`` whole (``weights_only``). Buffers older checkpoints stored are left
-    out; names and shapes are for the model that loads them to check."""
+    out, and so is a stored ``lm_head.weight`` of a tied model (the embedding is the weight, as
+    in ``from_pretrained`` and ``import_hf``); names and shapes are for the model that loads them
+    to check."""
+    _, tied = _expected_tensors(src / CONFIG, _read_hf_config(src / CONFIG))
+
+    def kept(name: str) -> bool:
+        return not name.endswith(_IGNORED_SUFFIXES) and not (tied and name in TIED_WEIGHTS)
+
     paths, load = _weight_files(src)
     if load is read_safetensors:
         files = LazyTensors.over(paths).files
-        return LazyTensors({k: p for k, p in files.items() if not k.endswith(_IGNORED_SUFFIXES)})
+        return LazyTensors({k: p for k, p in files.items() if kept(k)})
     state: dict[str, torch.Tensor] = {}
     for path in paths:
         for name, tensor in load(path).items():
             if name in state:
                 raise CheckpointError(f"{path}: tensor {name!r} is also in another weight file")
-            if not name.endswith(_IGNORED_SUFFIXES):
+            if kept(name):
                 state[name] = tensor
     return state
 

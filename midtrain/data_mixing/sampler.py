@@ -66,6 +66,18 @@ def _name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
+def _tokens(prefix: str, dataset: Any) -> np.ndarray:
+    """The ``.bin`` as a token array: megatron's own mapping where it has one (no second file
+    descriptor and mapping per prefix: a source may have thousands of shards), else a new one."""
+    mapped = getattr(dataset.bin_reader, "_bin_buffer", None)
+    if mapped is not None:
+        return np.frombuffer(mapped, dtype=dataset.index.dtype)
+    try:
+        return np.memmap(f"{prefix}.bin", dtype=dataset.index.dtype, mode="r")
+    except OSError as exc:
+        raise DataError(f"{prefix}.bin: cannot map it ({exc})") from None
+
+
 class SourceStream:
     """One source's documents, shuffled per epoch and cut into overlapping windows."""
 
@@ -81,19 +93,15 @@ class SourceStream:
         self.name = name
         self.seq_length = seq_length
         self.datasets = [open_indexed(p) for p in prefixes]
-        # Each prefix's tokens, memory-mapped: a window's pieces are sliced or gathered from them.
-        self._files = [
-            np.memmap(f"{p}.bin", dtype=ds.index.dtype, mode="r")
-            for p, ds in zip(prefixes, self.datasets, strict=True)
-        ]
-        # Documents and tokens of each prefix, in order (the sampler state records them).
-        self.layout = [
-            [len(ds.sequence_lengths), int(ds.sequence_lengths.sum(dtype=np.int64))]
-            for ds in self.datasets
-        ]
-        self._first_doc = np.cumsum([0, *(docs for docs, _ in self.layout)])  # global doc ids
+        # Each prefix's tokens as an array over its memory-mapped file: a window's pieces are
+        # sliced or gathered from them.
+        self._files = [_tokens(p, ds) for p, ds in zip(prefixes, self.datasets, strict=True)]
+        # Each prefix's documents, tokens and a digest of its first and last document lengths, in
+        # order (the sampler state records them: equal-sized shards listed in another order differ).
+        self.layout = [_prefix_layout(ds.sequence_lengths) for ds in self.datasets]
+        self._first_doc = np.cumsum([0, *(part[0] for part in self.layout)])  # global doc ids
         self._lengths = np.concatenate([ds.sequence_lengths for ds in self.datasets])  # int32
-        self.tokens = sum(tokens for _, tokens in self.layout)
+        self.tokens = sum(part[1] for part in self.layout)
         if (self.tokens, len(self._lengths)) != (stats_tokens, stats_documents):
             raise DataError(
                 f"its indexed datasets hold {self.tokens:,} tokens in {len(self._lengths):,} "
@@ -325,5 +333,12 @@ class MixtureSampler:
         self._position = position
 
 
-def _layout(layout: list[list[int]]) -> str:
-    return ", ".join(f"{docs:,} documents/{tokens:,} tokens" for docs, tokens in layout)
+def _prefix_layout(lengths: np.ndarray) -> list[Any]:
+    """[documents, tokens, digest] of one prefix from its document lengths (4 KB of them read)."""
+    sample = np.concatenate([lengths[:512], lengths[-512:]]).astype("<i4")
+    digest = hashlib.sha256(sample.tobytes()).hexdigest()[:12]
+    return [len(lengths), int(lengths.sum(dtype=np.int64)), digest]
+
+
+def _layout(layout: list[list[Any]]) -> str:
+    return ", ".join(f"{part[0]:,} documents/{part[1]:,} tokens" for part in layout)

@@ -8,11 +8,13 @@ status: 0 when the run completed, ``EXIT_PREEMPTED`` when it stopped early with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -78,6 +80,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     if "://" in address or not host or not port.isdigit():
         return  # "auto", ray://..., or not HOST:PORT: left to Ray
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
@@ -153,6 +156,8 @@ def run_on_ray(prepared: PreparedRun) -> int:
             console.print(
                 "stopping at the next step with a checkpoint (Ctrl-C again to abort without one)"
             )
+        elif signum == signal.SIGHUP:
+            _detach_from_terminal()
         request_stop(run_dir, signal.Signals(signum).name)
 
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
@@ -180,6 +185,19 @@ def run_on_ray(prepared: PreparedRun) -> int:
         )
         return EXIT_PREEMPTED
     return 0
+
+
+def _detach_from_terminal() -> None:
+    """After a hang-up, writing to the terminal fails (EIO) and would end the driver before the
+    workers' checkpoint: what still goes to it goes nowhere, as under nohup."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        # A terminal is a character device (isatty fails once it is hung up); a log file or a
+        # pipe keeps its output.
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _root_cause(error: BaseException | None) -> str:
