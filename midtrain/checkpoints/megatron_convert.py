@@ -649,25 +649,30 @@ def shard_tensor_parallel(
     ranks (rank r's is element r), as each rank's ``GPTModel`` holds them."""
     if tp < 1:
         raise ValueError(f"tensor parallel size must be at least 1, got {tp}")
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    for name, tensor in mc.items():
-        if name.endswith("._extra_state"):
-            continue
-        split = tensor_parallel_split(name)
-        if problem := _split_problem(name, tensor, split, tp, shape):
-            raise CheckpointError(f"{name}: {problem}")
-        if split == "replicated":
-            pieces = [tensor] * tp
-        elif split == "rows":
-            pieces = list(tensor.chunk(tp, dim=0))
-        elif split == "columns":
-            pieces = list(tensor.chunk(tp, dim=-1))
-        else:  # glu: each rank holds its slice of gate followed by its slice of up
-            gate, up = tensor.chunk(2, dim=0)
-            pieces = [torch.cat(p) for p in zip(gate.chunk(tp), up.chunk(tp), strict=True)]
-        for shard, piece in zip(shards, pieces, strict=True):
-            shard[name] = piece.clone()
-    return shards
+    tensors = {name: t for name, t in mc.items() if not name.endswith("._extra_state")}
+    return [
+        {name: tensor_parallel_piece(name, t, shape, tp, rank) for name, t in tensors.items()}
+        for rank in range(tp)
+    ]
+
+
+def tensor_parallel_piece(
+    name: str, tensor: torch.Tensor, shape: GPTShape, tp: int, rank: int
+) -> torch.Tensor:
+    """Tensor-parallel rank ``rank``'s piece (a copy) of the full megatron-core tensor ``name``:
+    the element ``rank`` of ``shard_tensor_parallel``, without making the other ranks' pieces."""
+    split = tensor_parallel_split(name)
+    if problem := _split_problem(name, tensor, split, tp, shape):
+        raise CheckpointError(f"{name}: {problem}")
+    if split == "replicated":
+        return tensor.clone()
+    if split == "rows":
+        return tensor.chunk(tp, dim=0)[rank].clone()
+    if split == "columns":
+        return tensor.chunk(tp, dim=-1)[rank].clone()
+    # glu: each rank holds its slice of gate followed by its slice of up
+    gate, up = tensor.chunk(2, dim=0)
+    return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
 
 
 def unshard_tensor_parallel(

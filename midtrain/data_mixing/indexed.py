@@ -197,27 +197,26 @@ def _check_index(idx_path: Path) -> int:
     size = idx_path.stat().st_size
     with open(idx_path, "rb") as f:
         head = f.read(_IDX_PREAMBLE.size)
-    if len(head) < _IDX_PREAMBLE.size:
-        raise DataError(f"{idx_path}: truncated index ({size} bytes)")
-    header, version, code, sequences, documents = _IDX_PREAMBLE.unpack(head)
-    if header != _INDEX_HEADER or version != 1:
-        raise DataError(f"{idx_path}: not a megatron-core indexed dataset index (bad header)")
-    try:
-        itemsize = DType.size(code)
-    except ValueError:
-        raise DataError(f"{idx_path}: unknown token dtype code {code}") from None
-    expected = _IDX_PREAMBLE.size + 12 * sequences + 8 * documents
-    # a multimodal index also holds one mode byte per sequence
-    if size not in (expected, expected + sequences):
-        raise DataError(
-            f"{idx_path}: {size:,} bytes, but its header describes {expected:,} "
-            "(truncated or corrupt index: prepare it again)"
-        )
-    if not sequences:
-        return itemsize  # the padding element of an empty dataset (see IndexedWriter.finish)
-    # The last sequence's length (int32, after the preamble) and byte offset (int64, after the
-    # lengths): where the data ends.
-    with open(idx_path, "rb") as f:
+        if len(head) < _IDX_PREAMBLE.size:
+            raise DataError(f"{idx_path}: truncated index ({size} bytes)")
+        header, version, code, sequences, documents = _IDX_PREAMBLE.unpack(head)
+        if header != _INDEX_HEADER or version != 1:
+            raise DataError(f"{idx_path}: not a megatron-core indexed dataset index (bad header)")
+        try:
+            itemsize = DType.size(code)
+        except ValueError:
+            raise DataError(f"{idx_path}: unknown token dtype code {code}") from None
+        expected = _IDX_PREAMBLE.size + 12 * sequences + 8 * documents
+        # a multimodal index also holds one mode byte per sequence
+        if size not in (expected, expected + sequences):
+            raise DataError(
+                f"{idx_path}: {size:,} bytes, but its header describes {expected:,} "
+                "(truncated or corrupt index: prepare it again)"
+            )
+        if not sequences:
+            return itemsize  # the padding element of an empty dataset (see IndexedWriter.finish)
+        # The last sequence's length (int32, after the preamble) and byte offset (int64, after
+        # the lengths): where the data ends.
         f.seek(_IDX_PREAMBLE.size + 4 * (sequences - 1))
         (last_length,) = struct.unpack("<i", f.read(4))
         f.seek(_IDX_PREAMBLE.size + 4 * sequences + 8 * (sequences - 1))

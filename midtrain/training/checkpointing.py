@@ -64,7 +64,9 @@ class StartPoint:
     def build_model(self, attn_implementation: str | None = None) -> transformers.PreTrainedModel:
         model = build_model(self.hf_config, self.seed, attn_implementation)
         if self.weights is not None:
-            weights = dict(self.weights())
+            source, tied = self.weights(), _tied_names(model)
+            # A tied name is the embedding again (a lazy mapping would read it a second time).
+            weights = {name: source[name] for name in source if name not in tied}
             own = model.state_dict()
             for name, tensor in weights.items():
                 if name in own and tensor.shape != own[name].shape:
@@ -73,7 +75,7 @@ class StartPoint:
                         f"{tuple(own[name].shape)}"
                     )
             missing, unexpected = model.load_state_dict(weights, strict=False)
-            missing = [k for k in missing if k not in _tied_names(model)]
+            missing = [k for k in missing if k not in tied]
             if missing or unexpected:
                 raise CheckpointError(
                     f"{self.source}: weights do not fit the model "

@@ -27,7 +27,7 @@ from midtrain.checkpoints.megatron_convert import (
     mcore_tensor_to_hf,
     padded_vocab_size,
     pipeline_stage,
-    shard_tensor_parallel,
+    tensor_parallel_piece,
     unshard_tensor_parallel,
 )
 
@@ -92,7 +92,7 @@ class RankConversion:
         return self._piece(name, full)
 
     def _piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        return shard_tensor_parallel({name: full}, self.shape, self.tp)[self.tp_rank][name]
+        return tensor_parallel_piece(name, full, self.shape, self.tp, self.tp_rank)
 
     def hf_sources(self, name: str) -> list[str]:
         return hf_sources(name, self.shape, self.layer_spec, stage=self.stage)
