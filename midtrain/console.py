@@ -19,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 # Progress and tables go to stderr so that --json output on stdout stays machine-readable.
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -45,11 +46,12 @@ def make_progress(transient: bool = False) -> Progress:
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left", show_edge=False)
+    # Text, not markup: a path like runs/sweep[lr] must print as it is, not as runs/sweep.
+    t = Table(title=Text(title), title_justify="left", show_edge=False)
     for i, col in enumerate(columns):
-        t.add_column(col, justify="left" if i == 0 else "right")
+        t.add_column(Text(col), justify="left" if i == 0 else "right")
     for row in rows:
-        t.add_row(*(fmt(v) for v in row))
+        t.add_row(*(Text(fmt(v)) for v in row))
     return t
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -670,6 +671,8 @@ def test_export_of_training_checkpoint_drops_midtrain_files(
 
 
 def test_import_rejects_bad_models(tmp_path: Path) -> None:
+    from midtrain.training.model import load_hf_config
+
     model = _hf_model("llama")
     src = tmp_path / "hf"
     model.save_pretrained(src)
@@ -689,6 +692,15 @@ def test_import_rejects_bad_models(tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.1"):
         import_hf(src, tmp_path / "o4")
+    # A config transformers' own validators reject (not with a ValueError): named, not a traceback.
+    (src / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 5}))
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: not a valid llama config \((?s:.*)multiple"
+    ):
+        import_hf(src, tmp_path / "o6")
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read the model config"):
+        load_hf_config(src)
+    (src / "config.json").write_text(json.dumps(cfg))
     (src / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model weights"):
         import_hf(src, tmp_path / "o5")
@@ -779,6 +791,35 @@ def test_a_tied_hugging_face_start_keeps_its_embedding_over_a_stored_lm_head(
         "from_checkpoint", str(src), load_hf_config(src), None, partial(hf_dir_weights, src)
     )
     assert torch.equal(start.build_model().model.embed_tokens.weight, embed)
+
+
+def test_a_start_from_one_of_our_directories_goes_through_its_checks(tmp_path: Path) -> None:
+    """model.from_checkpoint on a run directory follows ``latest``; a crashed save's staging
+    directory or a checkpoint without its manifest is refused, never read as a plain HF one."""
+    from test_config import MIXTURE, SPEC
+
+    from midtrain.config import load_run_spec
+    from midtrain.training.checkpointing import resolve_start
+
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        path = save(saver, tiny_llama(), 3)
+
+    def start(src: Path) -> str:
+        model = {"from_checkpoint": str(src), "tokenizer": str(tmp_path)}
+        spec = {**SPEC, "run_dir": str(tmp_path / "new"), "model": model, "mixture": MIXTURE}
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(spec))
+        return resolve_start(load_run_spec(tmp_path / "run.yaml")).source
+
+    assert start(tmp_path / "run") == str(path)
+    for name, error in [
+        (".staging-step_00000009", "a staging directory, not a checkpoint; never loaded"),
+        ("step_00000008", "manifest.json: missing; the checkpoint is incomplete"),
+    ]:
+        partial_copy = path.parent / name
+        shutil.copytree(path, partial_copy)
+        (partial_copy / "manifest.json").unlink()
+        with pytest.raises(CheckpointError, match=re.escape(error)):
+            start(partial_copy)
 
 
 @pytest.mark.gpu

@@ -10,10 +10,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from megatron_workers import free_port
+from test_config import MIXTURE, SPEC
 
 from midtrain.checkpoints import (
     CheckpointMeta,
@@ -121,8 +125,12 @@ def test_sigkill_during_async_save_keeps_previous(tmp_path: Path, where: str) ->
             save(first, 10)
         saver = CheckpointSaver({str(run)!r}, world_size=2, barrier=lambda: None, log=None)
         save(saver, 20, blocking=False)
-        while not os.path.exists({str(run)!r} + "/checkpoints/.staging-step_00000020/.done-rank0"):
+        # Its last file is the trainer state: once that is whole, the committer is waiting.
+        from midtrain.checkpoints.state import dumps
+        last = {str(run)!r} + "/checkpoints/.staging-step_00000020/trainer_state.json"
+        while not (os.path.exists(last) and os.path.getsize(last) == len(dumps({{"step": 20}}))):
             time.sleep(0.01)
+        time.sleep(0.2)
         print("MIDWAY", flush=True)
         time.sleep(600)
         """
@@ -177,6 +185,85 @@ def test_a_second_saver_of_a_run_is_refused_until_the_first_is_gone(tmp_path: Pa
         meta = CheckpointMeta(step=20, tokens=200, lr=1e-3, phase="stable", loss=1.0)
         saver.save(meta, model_state=expected_state(20, 512), config=json.loads(CONFIG_JSON))
     assert resolve_checkpoint(run).name == "step_00000020"
+
+
+RANK = textwrap.dedent(
+    """
+    import json, sys
+    import torch.distributed as dist
+    from midtrain.config import load_run_spec
+    from midtrain.training.checkpointing import agree_on_start
+
+    dist.init_process_group("gloo")
+    spec = load_run_spec(sys.argv[1])
+    print("READY", flush=True)
+    start, lock = agree_on_start(spec, dist.get_rank())
+    print(json.dumps({"source": start.source, "step": start.resume_state["step"],
+                      "holds_lock": lock is not None}), flush=True)
+    """
+)
+
+
+def test_a_restarted_group_resumes_from_its_predecessors_last_save_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """The old group's rank 0 is still writing step 20 when the new group starts: the new rank 0
+    waits for its saver lock before reading ``latest``, and rank 1 loads what rank 0 picked."""
+    run, go = tmp_path / "run", tmp_path / "go"
+    old_rank0 = child(f"""
+    from pathlib import Path
+
+    def hold(_written):
+        while not Path({str(go)!r}).exists():
+            time.sleep(0.05)
+
+    saver = CheckpointSaver({str(run)!r}, keep_last=None, log=None)
+    for step, blocking in ((10, True), (20, False)):
+        meta = CheckpointMeta(step=step, tokens=step * 10, lr=1e-3, phase="stable")
+        saver.save(meta, model_state=state(step), config=CONFIG, blocking=blocking,
+                   trainer_state={{"step": step, "optimizer_step": step}},
+                   progress=None if blocking else hold)
+    print("WRITING", flush=True)
+    saver.close()  # waits for step 20 to be written and committed
+    """)
+    spec = tmp_path / "run.yaml"
+    model = {**SPEC["model"], "tokenizer": str(tmp_path)}
+    spec.write_text(
+        yaml.safe_dump({**SPEC, "run_dir": str(run), "model": model, "mixture": MIXTURE})
+    )
+    port = str(free_port())
+    ranks = []
+    try:
+        assert old_rank0.stdout is not None and old_rank0.stdout.readline().strip() == "WRITING"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1"}
+        for r in range(2):
+            ranks.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", RANK, str(spec)],
+                    env={**env, "MASTER_PORT": port, "RANK": str(r), "WORLD_SIZE": "2"},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for proc in ranks:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "READY", (
+                proc.stderr.read() if proc.stderr else ""
+            )
+        time.sleep(1.0)  # the new group is up while step 20 is still being written
+        go.touch()
+        results = []
+        for proc in ranks:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        assert old_rank0.wait(timeout=60) == 0
+    finally:
+        for proc in [old_rank0, *ranks]:
+            proc.kill()
+            proc.communicate()
+    assert [(Path(r["source"]).name, r["step"]) for r in results] == [("step_00000020", 20)] * 2
+    assert [r["holds_lock"] for r in results] == [True, False]
 
 
 def test_a_file_gone_from_staging_is_never_committed(tmp_path: Path) -> None:
@@ -348,6 +435,38 @@ def test_out_of_disk_space_is_a_clear_error(tmp_path: Path) -> None:
     assert_previous_checkpoint_survives(run, 2048)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == [".saver.lock", "latest", "step_00000010"]
+
+
+def test_out_of_space_at_the_end_of_a_save_is_said_at_once(tmp_path: Path) -> None:
+    """The last small files of a save (the manifest; another rank's ``.done`` marker) do not fit:
+    each save fails at once naming the file, instead of the committer waiting its whole commit
+    timeout for a marker that never comes."""
+    script = f"""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    errors = []
+    for rank, limit in ((0, 400), (1, 200)):  # the data files fit, the last file does not
+        saver = CheckpointSaver({str(tmp_path)!r} + f"/run{{rank}}", rank=rank, world_size=rank + 1,
+                                barrier=lambda: None, commit_timeout_s=120, log=None)
+        model = {{"w": torch.zeros(2)}} if rank == 0 else None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        try:
+            saver.save(CheckpointMeta(step=1), model_state=model, trainer_state={{"step": 1}},
+                       config={{"model_type": "llama"}} if rank == 0 else None,
+                       optimizer_state={{"w/exp_avg": torch.zeros(2)}}, rank_state={{"r": rank}})
+        except Exception as exc:
+            errors.append(f"{{type(exc).__name__}}: {{exc}}")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    print(json.dumps(errors))
+    """
+    proc = child(script)
+    out, err = proc.communicate(timeout=100)  # not the commit timeout, then an error
+    assert proc.returncode == 0, err
+    committer, rank1 = json.loads(out.strip().splitlines()[-1])
+    assert committer.startswith("CheckpointError: ") and "manifest.json" in committer
+    assert rank1.startswith("CheckpointError: ") and ".done-rank1" in rank1
+    for message in (committer, rank1):
+        assert "out of disk space or over the file size limit" in message
+    assert not (tmp_path / "run0/checkpoints/step_00000001").exists()
 
 
 def test_out_of_space_while_rewriting_a_manifest_is_a_clear_error(tmp_path: Path) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
+from megatron_workers import free_port
 from safetensors.torch import load_file
 
 from midtrain.checkpoints import list_checkpoints, load_checkpoint, split_optimizer_key
@@ -96,12 +96,6 @@ READER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
@@ -115,7 +109,7 @@ def _expected(step: int) -> dict[str, torch.Tensor]:
 
 def test_optimizer_state_from_2_ranks_loads_on_1_and_3(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     writers = [
         subprocess.Popen(
             [sys.executable, "-c", COMMON + WRITER, str(run)],

@@ -326,3 +326,13 @@ def test_short_counts_round_before_choosing_the_unit() -> None:
 
     got = [short_count(n) for n in (950, 12_345, 999_499, 999_500, 999_999_999, 4_567_000)]
     assert got == ["950", "12.3k", "999k", "1M", "1B", "4.57M"]
+
+
+def test_tables_print_paths_with_brackets_as_they_are() -> None:
+    """A run named sweep[lr] is listed as such (as markup, it printed as another run's path)."""
+    from midtrain.console import console, print_table, table
+
+    with console.capture() as captured:
+        print_table(table("runs/a[b]", ("path", "keep"), [("runs/sweep[lr]/step_00000010", True)]))
+    text = captured.get()
+    assert "runs/a[b]" in text and "runs/sweep[lr]/step_00000010" in text

@@ -199,7 +199,7 @@ def _expected_tensors(
         cfg = AutoConfig.for_model(**config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # transformers' validators raise huggingface_hub's own classes too
         raise CheckpointError(
             f"{path}: not a valid {config['model_type']} config ({exc})"
         ) from None

@@ -128,6 +128,19 @@ def checkpoints_dir_of(path: Path) -> Path | None:
     return None
 
 
+def is_midtrain_path(path: Path) -> bool:
+    """Whether ``path`` is (or was meant to be) a checkpoint of ours, or a run or checkpoints
+    directory: such a path is read through ``load_checkpoint``, with its checks, never as a plain
+    Hugging Face directory, even when its manifest is missing."""
+    return (
+        (path / MANIFEST).exists()
+        or (path / TRAINER_STATE).exists()
+        or path.name.startswith((STAGING_PREFIX, TRASH_PREFIX))
+        or is_step_dir(path)
+        or checkpoints_dir_of(path) is not None
+    )
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """A checkpoint directory, a run directory (follows ``latest``) or its ``checkpoints/`` dir ->
     the checkpoint directory. Raises CheckpointError naming what is missing."""
@@ -139,6 +152,8 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     if path.name.startswith(STAGING_PREFIX):
         # A save in progress, or one that crashed (even after writing its manifest): never loaded.
         raise CheckpointError(f"{path}: a staging directory, not a checkpoint; never loaded")
+    if path.name.startswith(TRASH_PREFIX):
+        raise CheckpointError(f"{path}: a checkpoint being deleted; never loaded")
     if (path / MANIFEST).exists():
         return path
     if is_step_dir(path):

@@ -14,6 +14,7 @@ A crash anywhere before the rename leaves only a staging directory, which nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -53,7 +54,7 @@ from midtrain.checkpoints.manifest import FileEntry, Manifest, check_files, now_
 from midtrain.checkpoints.retention import apply_retention, remove_leftovers
 from midtrain.checkpoints.staging import StagingDir, commit
 from midtrain.checkpoints.tensorfile import ProgressFn, read_json, split_shards
-from midtrain.errors import CheckpointError
+from midtrain.errors import CheckpointError, checkpoint_write_error
 from midtrain.fileio import ExclusiveLock, LockHeldError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -88,6 +89,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return target
 
 
+def take_saver_lock(run_dir: str | Path, timeout_s: float = 60.0) -> ExclusiveLock:
+    """The lock of the one process that commits a run's checkpoints (see ``CheckpointSaver``),
+    waiting up to ``timeout_s`` for a previous holder to finish and go."""
+    ckpts = Path(run_dir).expanduser().absolute() / CHECKPOINTS_DIR
+    ckpts.mkdir(parents=True, exist_ok=True)
+    try:
+        return ExclusiveLock(ckpts / SAVER_LOCK, timeout_s=timeout_s)
+    except LockHeldError as exc:
+        raise CheckpointError(
+            f"{exc.strerror}: another process is saving this run's checkpoints (the same "
+            "run started twice?); stop it, or give this run another run_dir"
+        ) from None
+
+
 def optimizer_key(param: str, state: str) -> str:
     """The key of one parameter's optimizer tensor: ``model.layers.0.mlp.up_proj.weight/exp_avg``."""
     return f"{param}/{state}"
@@ -109,6 +124,7 @@ class _Job:
     run_spec: str | None
     optimizer_state: Mapping[str, torch.Tensor] | None
     rank_state: bytes | None
+    extra: dict[str, Any] | None = None  # the manifest's, as JSON data (rank 0's)
     progress: ProgressFn | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -123,7 +139,8 @@ class CheckpointSaver:
     Rank 0 holds ``checkpoints/.saver.lock`` from construction to ``close()``: a second saver of
     the same run (the run started twice) would delete the first one's staging directory and
     commit checkpoints with files missing. It waits up to ``lock_timeout_s`` for the holder to
-    go (a restarted worker whose predecessor is still exiting), then refuses.
+    go (a restarted worker whose predecessor is still exiting), then refuses. A trainer takes it
+    earlier with ``take_saver_lock`` and passes it as ``lock``: before it reads ``latest``.
     """
 
     def __init__(
@@ -138,6 +155,7 @@ class CheckpointSaver:
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         commit_timeout_s: float = 3600.0,
         lock_timeout_s: float = 60.0,
+        lock: ExclusiveLock | None = None,
         log: Callable[[str], None] | None = console.info,
     ) -> None:
         if not 0 <= rank < world_size:
@@ -160,20 +178,16 @@ class CheckpointSaver:
         self._error: BaseException | None = None
         self._last: Path | None = None
         self._snapshots = HostBuffers()
-        self._lock = self._take_lock(lock_timeout_s) if self.is_committer else None
+        if self.is_committer:
+            self._lock = lock or take_saver_lock(run_dir, lock_timeout_s)
+        elif lock is not None:
+            raise ValueError("only rank 0 holds the saver lock")
+        else:
+            self._lock = None
 
     @property
     def is_committer(self) -> bool:
         return self.rank == 0
-
-    def _take_lock(self, timeout_s: float) -> ExclusiveLock:
-        try:
-            return ExclusiveLock(self.checkpoints_dir / SAVER_LOCK, timeout_s=timeout_s)
-        except LockHeldError as exc:
-            raise CheckpointError(
-                f"{exc.strerror}: another process is saving this run's checkpoints (the same "
-                "run started twice?); stop it, or give this run another run_dir"
-            ) from None
 
     def save(
         self,
@@ -282,10 +296,13 @@ class CheckpointSaver:
     ) -> _Job:
         if meta.step < 0:
             raise ValueError(f"step must be >= 0, got {meta.step}")
-        config_bytes = trainer_bytes = None
+        config_bytes = trainer_bytes = extra = None
         if self.is_committer:
             if model_state is None or config is None:
                 raise ValueError("rank 0 must pass model_state and config")
+            # Checked now, not after every rank has written its part; and a copy the caller may
+            # change while the save goes on in the background.
+            extra = state_json.to_json_data(dict(meta.extra), "extra")
             cfg = _config_dict(config)
             config_bytes = state_json.dumps(cfg, "config")
             trainer_bytes = state_json.dumps(dict(trainer_state or {}))
@@ -306,6 +323,7 @@ class CheckpointSaver:
             run_spec=run_spec if self.is_committer else None,
             optimizer_state=optimizer_state,
             rank_state=None if rank_state is None else state_json.dumps(rank_state, "rank_state"),
+            extra=extra,
         )
 
     # --- writing ----------------------------------------------------------------------------------
@@ -321,11 +339,13 @@ class CheckpointSaver:
         staging = StagingDir(job.staging, job.progress)
         try:
             self._write_own_part(staging, job)
-            _write_marker(job.staging, f".done-rank{self.rank}", _records_json(staging.records))
             if self.is_committer:
-                self._commit(job)
+                self._commit(job, dict(staging.records))
+            else:  # tells the committer what this rank wrote
+                _write_marker(job.staging, f".done-rank{self.rank}", _records_json(staging.records))
         except BaseException as exc:
-            _write_marker(job.staging, f".failed-rank{self.rank}", str(exc) or repr(exc))
+            with contextlib.suppress(CheckpointError):  # best effort: else the commit times out
+                _write_marker(job.staging, f".failed-rank{self.rank}", str(exc) or repr(exc))
             if self.world_size == 1:
                 staging.discard()  # nobody else writes here: leave no half checkpoint behind
             raise
@@ -349,8 +369,8 @@ class CheckpointSaver:
         if job.rank_state is not None:
             staging.add_bytes(rank_state_name(self.rank), job.rank_state)
 
-    def _commit(self, job: _Job) -> None:
-        records = self._wait_for_ranks(job.staging)
+    def _commit(self, job: _Job, records: dict[str, FileEntry]) -> None:
+        records.update(self._wait_for_ranks(job.staging))
         shards = sorted(n for n in records if n.startswith(f"{OPTIMIZER_DIR}/"))
         if shards and len(shards) != self.world_size:
             raise CheckpointError(
@@ -375,7 +395,7 @@ class CheckpointSaver:
             keep=meta.keep,
             world_size=self.world_size,
             files=dict(sorted(records.items())),
-            extra=state_json.to_json_data(dict(meta.extra), "extra"),
+            extra=job.extra or {},
         )
         for marker in job.staging.glob(".done-rank*"):
             marker.unlink()
@@ -404,8 +424,9 @@ class CheckpointSaver:
                 console.error(f"retention in {self.checkpoints_dir} failed: {exc}")
 
     def _wait_for_ranks(self, staging: Path) -> dict[str, FileEntry]:
+        """What the other ranks wrote, once each has said (its ``.done`` marker)."""
         deadline = time.monotonic() + self.commit_timeout_s
-        pending = set(range(self.world_size))
+        pending = set(range(self.world_size)) - {self.rank}
         records: dict[str, FileEntry] = {}
         while True:
             for r in sorted(pending):
@@ -440,8 +461,10 @@ def _write_marker(staging: Path, name: str, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(staging / name)
-    except OSError:
-        pass  # best effort: a rank that cannot write its marker is reported by the timeout
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise checkpoint_write_error(staging / name, exc) from None
 
 
 def _optimizer_index(staging: Path, shards: list[str], world_size: int) -> dict[str, Any]:

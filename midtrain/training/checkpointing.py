@@ -12,6 +12,7 @@ already holds checkpoints, so any checkpoint found there belongs to this run).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -29,12 +30,13 @@ from midtrain.checkpoints import (
     load_checkpoint,
 )
 from midtrain.checkpoints.hf import hf_dir_weights
-from midtrain.checkpoints.layout import MANIFEST
-from midtrain.checkpoints.store import latest_checkpoint
+from midtrain.checkpoints.layout import is_midtrain_path
+from midtrain.checkpoints.store import latest_checkpoint, take_saver_lock
 from midtrain.config import RunSpec
 from midtrain.data_mixing.stats import load_stats
 from midtrain.data_mixing.tokenizer import load_tokenizer, tokenizer_fingerprint
 from midtrain.errors import CheckpointError, ConfigError
+from midtrain.fileio import ExclusiveLock
 from midtrain.training.model import build_model, check_same_shape, llama_config, load_hf_config
 from midtrain.training.parallel import check_model_fits
 
@@ -89,9 +91,47 @@ def _tied_names(model: transformers.PreTrainedModel) -> set[str]:
 
 
 def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
-    """Decide where this run's weights and state come from (the same answer on every rank)."""
+    """Decide where this run's weights and state come from: its own latest checkpoint, else the
+    spec's start. A training run's ranks use ``agree_on_start`` instead."""
+    return start_from(spec, latest_checkpoint(spec.run_dir), verify)
+
+
+def agree_on_start(spec: RunSpec, rank: int) -> tuple[StartPoint, ExclusiveLock | None]:
+    """The start point of a training run's ranks, the same on all (a collective), and on rank 0
+    the run's saver lock, for its checkpointer.
+
+    Rank 0 takes the lock before it reads ``latest``: a previous worker group that is still
+    exiting commits its last save first, and that save is where this group resumes. It re-hashes
+    every file of that checkpoint; the others load the checkpoint it picked, checking sizes only
+    (each reading ``latest`` itself could pick another step, if a save lands in between).
+    """
+    lock = take_saver_lock(spec.run_dir) if rank == 0 else None
+    own = latest_checkpoint(spec.run_dir) if rank == 0 else None
+    start = start_from(spec, own, verify=True) if rank == 0 else None
+    own = broadcast_path(own)
+    return (start if start is not None else start_from(spec, own, verify=False)), lock
+
+
+def broadcast_path(path: Path | None, src: int = 0) -> Path | None:
+    """Rank ``src``'s ``path`` on every rank (a collective; a tensor of its bytes, no pickling)."""
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":  # NCCL moves GPU tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+    data = os.fsencode(path) if path is not None and dist.get_rank() == src else b""
+    size = torch.tensor([len(data) if path is not None else -1], device=device)
+    dist.broadcast(size, src)
+    if size.item() < 0:
+        return None
+    buffer = torch.tensor(list(data), dtype=torch.uint8, device=device)
+    if dist.get_rank() != src:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src)
+    return Path(os.fsdecode(bytes(buffer.tolist())))
+
+
+def start_from(spec: RunSpec, own: Path | None, verify: bool) -> StartPoint:
+    """The start point given the run's own checkpoint to resume from (None: the spec's start)."""
     seed = spec.train.seed
-    own = latest_checkpoint(spec.run_dir)
     if own is not None:
         ckpt = load_checkpoint(own, verify=verify)
         state = ckpt.trainer_state
@@ -137,18 +177,19 @@ def resolve_start(spec: RunSpec, verify: bool = True) -> StartPoint:
 
     if spec.model.from_checkpoint is not None:
         path = Path(spec.model.from_checkpoint)
-        if (path / MANIFEST).is_file():
+        weights: Callable[[], Mapping[str, torch.Tensor]] = partial(hf_dir_weights, path)
+        if is_midtrain_path(path):
+            # One of ours (a run dir follows `latest`): verified, and a staging or incomplete
+            # checkpoint refused, not read as a plain Hugging Face directory.
             ckpt = load_checkpoint(path, verify=verify)
-            weights, parent = ckpt.model_tensors, str(ckpt.path)
-        else:  # a plain Hugging Face directory
-            weights, parent = partial(hf_dir_weights, path), str(path)
+            path, weights = ckpt.path, ckpt.model_tensors
         return StartPoint(
             kind="from_checkpoint",
             source=str(path),
             hf_config=load_hf_config(path),
             tokenizer_dir=spec.model.tokenizer or str(path),
             weights=weights,
-            parent=parent,
+            parent=str(path),
             seed=seed,
         )
 
@@ -206,7 +247,14 @@ def check_start(spec: RunSpec, resuming: bool) -> StartPoint:
 class RunCheckpointer:
     """The trainer's side of saving: who writes what, and the manifest's facts about the step."""
 
-    def __init__(self, spec: RunSpec, rank: int, world: int, start: StartPoint) -> None:
+    def __init__(
+        self,
+        spec: RunSpec,
+        rank: int,
+        world: int,
+        start: StartPoint,
+        lock: ExclusiveLock | None = None,
+    ) -> None:
         self.spec, self.rank, self.world = spec, rank, world
         self.parent = start.parent
         self.saver = CheckpointSaver(
@@ -216,6 +264,7 @@ class RunCheckpointer:
             world_size=world,
             barrier=dist.barrier if world > 1 else None,
             tokenizer_dir=start.tokenizer_dir,
+            lock=lock,
             log=self._log if rank == 0 else None,
         )
         self.events = events_path(spec.run_dir)

@@ -29,7 +29,7 @@ from midtrain.config import RunSpec
 from midtrain.data_mixing.sampler import MixtureSampler
 from midtrain.errors import ConfigError
 from midtrain.training.backend import Backend, build_backend
-from midtrain.training.checkpointing import RunCheckpointer, resolve_start
+from midtrain.training.checkpointing import RunCheckpointer, agree_on_start
 from midtrain.training.control import StopFlag
 from midtrain.training.flops import mfu, peak_flops, training_flops_per_token
 from midtrain.training.metrics import MetricsWriter
@@ -97,11 +97,7 @@ def train(spec: RunSpec) -> Outcome:
         torch.utils.deterministic.fill_uninitialized_memory = False
     seed_everything(spec.train.seed)
 
-    # Rank 0 re-hashes every file of the start checkpoint; the others then check only sizes.
-    start = resolve_start(spec, verify=True) if rank == 0 else None
-    dist.barrier()
-    if start is None:
-        start = resolve_start(spec, verify=False)
+    start, saver_lock = agree_on_start(spec, rank)
     backend = build_backend(spec, start, rank, world)
     sampler = MixtureSampler(spec.mixture, total_sequences=spec.total_sequences)
     schedule = spec.schedule.build(
@@ -116,7 +112,7 @@ def train(spec: RunSpec) -> Outcome:
         progress = Progress(state["step"], state["tokens"], dict(state["tokens_by_source"]))
         restore_rng_state(state["rng"])
 
-    checkpointer = RunCheckpointer(spec, rank, world, start)
+    checkpointer = RunCheckpointer(spec, rank, world, start, saver_lock)
     stop = StopFlag(spec.run_dir, backend.device)
     metrics = StepMetrics(spec, backend, sampler.source_names, progress.step) if rank == 0 else None
     loss, status = None, "completed"
