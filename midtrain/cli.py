@@ -479,11 +479,13 @@ def _slurm_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--account", help="the account to charge"),
         click.option("--job-name", help="default: midtrain-<run dir name>"),
         click.option(
-            "--cpus-per-node", type=click.IntRange(min=1), help="CPUs per node [Slurm's default]"
+            "--cpus-per-node",
+            type=click.IntRange(min=1),
+            help="CPUs per node, for Slurm and Ray [workers per node x launch.cpus_per_worker + 1]",
         ),
         click.option(
             "--signal-seconds",
-            type=click.IntRange(min=10),
+            type=click.IntRange(min=10, max=65535),
             default=300,
             show_default=True,
             help="SIGUSR1 (checkpoint, requeue) this long before the time limit",
@@ -501,6 +503,9 @@ def _slurm_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="exported in the job (NCCL_*, HF_HOME, ...); repeatable",
         ),
         click.option("--python", help="the nodes' Python with midtrain [this one]"),
+        click.option(
+            "--allow-changed-spec", is_flag=True, help="resume despite changes that break exactness"
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -521,6 +526,7 @@ def _render_args(opts: dict[str, Any]) -> tuple[str, list[str], Any]:
         signal_seconds=opts["signal_seconds"],
         extra_sbatch=tuple(opts["extra_sbatch"]),
         env=tuple(opts["env"]),
+        allow_changed_spec=opts["allow_changed_spec"],
         **({"python": opts["python"]} if opts["python"] else {}),
     )
     return opts["spec"], list(opts["overrides"]), options

@@ -30,9 +30,11 @@ from slurm_cluster import SlurmCluster, SlurmUnavailable, start_cluster
 from test_training import exact_view, final_weights, run_spec
 
 from midtrain.checkpoints import list_checkpoints
+from midtrain.checkpoints.layout import MANIFEST, RUN_SPEC, write_latest
 from midtrain.cli import cli
 from midtrain.config import load_run_spec
 from midtrain.errors import ConfigError, MidtrainError
+from midtrain.launch import slurm as slurm_module
 from midtrain.launch.slurm import (
     SlurmOptions,
     fill_template,
@@ -93,8 +95,21 @@ def spec(tmp_path_factory: pytest.TempPathFactory, prepared_corpora: dict[str, P
         ({"nodes": 0}, "--nodes"),
         ({"cpus_per_node": 0}, "--cpus-per-node"),
         ({"signal_seconds": 5}, "--signal-seconds"),
+        ({"signal_seconds": 70000}, "--signal-seconds"),  # sbatch: 0-65535
         ({"time": "5", "signal_seconds": 300}, "--signal-seconds"),  # due before it starts
+        # Slurm may signal up to 60 s early: at the start of a 3-minute job.
+        ({"time": "3", "signal_seconds": 130}, "--signal-seconds"),
         ({"gpus_per_node": 1, "nodes": 1}, "workers"),  # 2 workers, 1 GPU
+        ({"cpus_per_node": 1}, "--cpus-per-node"),  # 2 workers x 1 CPU on the one node
+        # What the script sets itself, or what changes how bash or Ray reads it.
+        ({"env": ("SPEC=/tmp/other.yaml",)}, "--env"),
+        ({"env": ("RAY_CPUS=64",)}, "--env"),
+        ({"env": ("EXIT_PREEMPTED=0",)}, "--env"),
+        ({"env": ("IFS=/",)}, "--env"),
+        ({"env": ("BASH_ENV=/tmp/x",)}, "--env"),
+        ({"env": ("SHELLOPTS=xtrace",)}, "--env"),
+        ({"env": ("RAY_ADDRESS=elsewhere:6379",)}, "--env"),
+        ({"env": ("RAY_AUTH_MODE=disabled",)}, "--env"),
     ],
 )
 def test_render_rejects_unsafe_values_naming_the_field(
@@ -191,8 +206,60 @@ def test_extra_sbatch_cannot_set_midtrains_own_options(spec: Path, extra: str, o
         render_job(str(spec), [], SlurmOptions(extra_sbatch=(extra,)))
 
 
+@pytest.mark.parametrize(
+    ("extra", "instead"),
+    [
+        # GPUs that Ray is not told about (RAY_GPUS comes from --gpus-per-node): a job that waits
+        # for GPUs Ray does not have until its time limit.
+        ("--gres=gpu:8", "--gpus-per-node"),
+        ("--gres=shard:1,gpu:a100:2", "--gpus-per-node"),
+        ("--gpus=8", "--gpus-per-node"),
+        ("-G8", "--gpus-per-node"),
+        ("--gpus-per-task=1", "--gpus-per-node"),
+        ("--gpus-per-t=1", "--gpus-per-node"),
+        ("--gpus-per-socket=1", "--gpus-per-node"),
+        ("--array=0-3", "each run as a job of its own"),
+        ("-a0-3", "each run as a job of its own"),
+        ("--wait", "midtrain jobs logs"),
+        ("-W", "midtrain jobs logs"),
+        ("--test-only", "midtrain slurm render"),
+        ("--export=NONE", "--env"),
+    ],
+)
+def test_extra_sbatch_refuses_options_that_break_the_job(
+    spec: Path, extra: str, instead: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"--extra-sbatch: {re.escape(extra)} .*{instead}"):
+        render_job(str(spec), [], SlurmOptions(extra_sbatch=(extra,)))
+
+
+def test_a_gpu_run_needs_gpus_per_node(spec: Path) -> None:
+    with pytest.raises(ConfigError, match=r"launch\.use_gpu.*--gpus-per-node"):
+        render_job(str(spec), ["launch.use_gpu=true"], SlurmOptions())
+
+
+def test_the_job_asks_slurm_for_the_cpus_ray_is_told(spec: Path) -> None:
+    # Without --cpus-per-task, Slurm gives the one task per node one CPU.
+    default = render_job(str(spec), [], SlurmOptions()).script  # 2 workers x 1 CPU, + 1
+    assert "#SBATCH --cpus-per-task=3\n" in default and "\nRAY_CPUS=3 " in default
+    chosen = render_job(str(spec), [], SlurmOptions(cpus_per_node=8)).script
+    assert "#SBATCH --cpus-per-task=8\n" in chosen and "\nRAY_CPUS=8 " in chosen
+
+
+def test_env_cannot_set_any_variable_the_script_assigns(spec: Path) -> None:
+    template = slurm_module.template_path().read_text()
+    code = [line for line in template.splitlines() if not line.lstrip().startswith("#")]
+    assigned = set(re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]*)=", "\n".join(code)))
+    assert {"PYTHON", "SPEC", "PORT", "RAY_AUTH_MODE"} <= assigned
+    for name in assigned:
+        with pytest.raises(ConfigError, match=rf"--env: {name} is set by the batch script"):
+            render_job(str(spec), [], SlurmOptions(env=(f"{name}=x",)))
+    assert "MIDTRAIN_HEAD_IFACE" not in slurm_module.SCRIPT_VARIABLES  # to pass with --env
+
+
 def test_extra_sbatch_takes_other_options(spec: Path) -> None:
-    extras = ("--mail-type=END", "--constraint=a100", "-Ca100", "--gpus=2", "--ntasks=1", "-k")
+    extras = ("--mail-type=END", "--constraint=a100", "-Ca100", "--gres=nvme:1", "--ntasks=1", "-k")
+    extras += ("--wait-all-nodes=1", "--export-file=/tmp/env")
     script = render_job(str(spec), [], SlurmOptions(extra_sbatch=extras)).script
     assert all(f"#SBATCH {extra}\n" in script for extra in extras)
 
@@ -303,7 +370,7 @@ def test_submit_saves_the_resolved_spec_the_job_runs(
     # sbatch only queues the script here: what the job will run is the script and the saved spec.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    stub_command(bin_dir / "sbatch", f'echo "$@" > {tmp_path}/sbatch-args\necho 4242\n')
+    stub_command(bin_dir / "sbatch", f'cp "$2" {tmp_path}/submitted\necho 4242\n')
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     mine = tmp_path / "run.yaml"
     shutil.copy(spec, mine)
@@ -311,7 +378,7 @@ def test_submit_saves_the_resolved_spec_the_job_runs(
     overrides = [f"run_dir={run_dir}", "train.seed=11", "launch.ray_address=http://x:8265"]
 
     job_id, script = submit_job(str(mine), overrides, SlurmOptions())
-    assert job_id == "4242" and (tmp_path / "sbatch-args").read_text().split()[-1] == str(script)
+    assert job_id == "4242" and (tmp_path / "submitted").read_text() == script.read_text()
     saved = Path(re.search(r"^SPEC=(\S+)$", script.read_text(), re.M).group(1))
     submitted = load_run_spec(saved)
     expected = load_run_spec(mine, [*overrides[:2], "launch.ray_address=null"])
@@ -322,12 +389,83 @@ def test_submit_saves_the_resolved_spec_the_job_runs(
     assert load_run_spec(saved) == expected
     _, second = submit_job(str(mine), overrides, SlurmOptions())
     assert re.search(r"^SPEC=(\S+)$", second.read_text(), re.M).group(1) != str(saved)
+    # Two submissions in the same second keep two scripts, and nothing half-written is left.
+    _, third = submit_job(str(mine), overrides, SlurmOptions())
+    assert len({script, second, third}) == 3 and all(p.is_file() for p in (script, second, third))
+    assert {p.name for p in (run_dir / "slurm").iterdir() if p.name.startswith(".")} == set()
+
+
+def sbatch_stub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stub_command(bin_dir / "sbatch", body)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_failed_submission_leaves_no_files_of_its_own(
+    spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    sbatch_stub(tmp_path, monkeypatch, "echo 4242\n")
+    _, kept = submit_job(str(spec), [f"run_dir={run_dir}"], SlurmOptions())
+    before = sorted((run_dir / "slurm").iterdir())
+    sbatch_stub(tmp_path, monkeypatch, "echo 'invalid partition specified: gpux' >&2; exit 1\n")
+    with pytest.raises(MidtrainError, match="sbatch failed: invalid partition"):
+        submit_job(str(spec), [f"run_dir={run_dir}"], SlurmOptions(partition="gpux"))
+    # The spec the queued job of the first submission runs stays; nothing else was added.
+    assert sorted((run_dir / "slurm").iterdir()) == before and kept in before
+    with pytest.raises(MidtrainError, match="sbatch failed"):
+        submit_job(str(spec), [f"run_dir={run_dir}", "train.seed=7"], SlurmOptions())
+    assert sorted((run_dir / "slurm").iterdir()) == before
+
+
+def test_a_slow_sbatch_says_the_job_may_be_queued(
+    spec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sbatch_stub(tmp_path, monkeypatch, "exec sleep 30\n")
+    monkeypatch.setattr(slurm_module, "SBATCH_TIMEOUT_S", 1)
+    run_dir = tmp_path / "run"
+    with pytest.raises(MidtrainError, match="may have been queued.*midtrain jobs status"):
+        submit_job(str(spec), [f"run_dir={run_dir}"], SlurmOptions())
+    assert not list((run_dir / "slurm").glob("*job-*"))
+    assert len(list((run_dir / "slurm").glob("run-spec-*.yaml"))) == 1  # the job may run it
+
+
+def test_render_checks_the_run_as_the_job_would_start_it(
+    tmp_path: Path, prepared_corpora: dict[str, Path]
+) -> None:
+    # Missing data: found now, not after the queue and a Ray start-up.
+    missing = tmp_path / "nowhere" / "legal"
+    bad = run_spec(tmp_path, {**prepared_corpora, "legal": missing}, "bad")
+    with pytest.raises(MidtrainError, match=re.escape(str(missing))):
+        render_job(str(bad), [], SlurmOptions())
+
+    # A run with a checkpoint is resumed (--auto-resume): a change that breaks exactness needs
+    # --allow-changed-spec, at submission as in the job.
+    good = run_spec(tmp_path, prepared_corpora, "good")
+    job = render_job(str(good), [], SlurmOptions())
+    step = job.run_dir / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / MANIFEST).write_text("{}")
+    (step / RUN_SPEC).write_text(job.spec_yaml)
+    write_latest(step.parent, step.name)
+    with pytest.raises(ConfigError, match="--allow-changed-spec"):
+        render_job(str(good), ["train.seed=2"], SlurmOptions())
+
+
+def test_allow_changed_spec_reaches_the_jobs_driver(spec: Path) -> None:
+    plain = render_job(str(spec), [], SlurmOptions()).script
+    assert 'train "$SPEC" --auto-resume)' in plain
+    result = CliRunner().invoke(cli, ["slurm", "render", str(spec), "--allow-changed-spec"])
+    assert result.exit_code == 0, result.output
+    assert 'train "$SPEC" --auto-resume --allow-changed-spec)' in result.output
 
 
 # --- the batch script, run with stub srun/scontrol and a stub driver: no Slurm, no Ray -----------
 
 # The driver: like `midtrain train`, it starts with SIGUSR1 ignored (the script's `trap ''`) and
-# only later installs its handler, which checkpoints and stops on SIGUSR1 or SIGTERM (exit 75).
+# only later installs its handler, which checkpoints and stops on SIGUSR1 or SIGTERM (exit 75, or
+# the status given: a save that failed).
 STUB_DRIVER = """
 import signal, sys, time
 time.sleep(float(sys.argv[1]))
@@ -339,7 +477,7 @@ deadline = time.monotonic() + float(sys.argv[2])
 while not stop and time.monotonic() < deadline:
     time.sleep(0.05)
 print(f"[driver] stopped on {stop[0]}" if stop else "[driver] completed", flush=True)
-sys.exit(75 if stop else 0)
+sys.exit(int(sys.argv[3]) if stop else 0)
 """
 
 
@@ -355,12 +493,21 @@ class ScriptRun:
         healthy: bool = True,
         driver_start_s: float = 0,
         driver_run_s: float = 0,
+        driver_stop_status: int = 75,
+        token_s: float = 0,
+        nodes: int = 1,
+        env: dict[str, str] | None = None,
     ) -> None:
         root.mkdir(parents=True)
         self.root = root
         bin_dir = root / "bin"
         bin_dir.mkdir()
-        stub_command(bin_dir / "srun", f'echo "srun $*" >> {root}/calls\nexec sleep 60\n')
+        # A Ray step runs until it is stopped; the clean-up step on the other nodes ends at once.
+        stub_command(
+            bin_dir / "srun",
+            f'echo "srun $*" >> {root}/calls\ncase "$*" in *" rm -rf "*) exit 0;; esac\n'
+            "exec sleep 60\n",
+        )
         stub_command(
             bin_dir / "scontrol",
             f'if [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> {root}/calls; fi\n',
@@ -372,12 +519,14 @@ class ScriptRun:
             f"""case "$*" in
   *health-check*) {health};;
   *"-m midtrain.cli train"*) echo "[driver] started: $*"
-    exec {sys.executable} {root}/driver.py {driver_start_s} {driver_run_s};;
+    exec {sys.executable} {root}/driver.py {driver_start_s} {driver_run_s} {driver_stop_status};;
+  *secrets*) echo "token" >> {root}/calls; sleep {token_s}; exec {sys.executable} "$@";;
   *) exec {sys.executable} "$@";;
 esac
 """,
         )
-        job = render_job(str(spec), [f"run_dir={root / 'run'}"], SlurmOptions(python=str(python)))
+        options = SlurmOptions(python=str(python), nodes=nodes)
+        job = render_job(str(spec), [f"run_dir={root / 'run'}"], options)
         job.log_dir.mkdir(parents=True)
         job.spec_path.write_text(job.spec_yaml)  # what `submit_job` does
         (root / "job.sbatch").write_text(job.script)
@@ -387,8 +536,9 @@ esac
             "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "SLURM_JOB_ID": str(job_id),
             "SLURM_JOB_NODELIST": "node1",
-            "SLURM_JOB_NUM_NODES": "1",
+            "SLURM_JOB_NUM_NODES": str(nodes),
             "MIDTRAIN_HEAD_IP": "127.0.0.1",
+            **(env or {}),
         }
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
@@ -509,6 +659,63 @@ def test_jobs_with_consecutive_ids_use_different_ports(
         assert not ports[a] & ports[b], (a, b, ports)
 
 
+@pytest.mark.parametrize(("driver_status", "requeued"), [(75, True), (1, False)])
+def test_after_sigusr1_only_a_checkpointed_stop_requeues(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun], driver_status: int, requeued: bool
+) -> None:
+    # A driver that fails (a save that raised: disk full) would fail again in every requeued run.
+    run = ScriptRun(spec, tmp_path / "job", 103, driver_run_s=60, driver_stop_status=driver_status)
+    script_runs.append(run)
+    run.wait_for("[driver] listening")
+    run.proc.send_signal(signal.SIGUSR1)
+    assert run.finish() == driver_status, run.output()
+    assert ("scontrol requeue 103" in run.calls()) == requeued, run.calls()
+
+
+def test_a_signal_before_anything_started_is_handled(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    # SIGUSR1 while the token is made (a cold Python start from a shared filesystem): the job
+    # still stops its driver with a checkpoint and requeues.
+    run = ScriptRun(spec, tmp_path / "job", 104, driver_run_s=60, token_s=2)
+    script_runs.append(run)
+    run.wait_for("token")
+    run.proc.send_signal(signal.SIGUSR1)
+    assert run.finish() == 75, run.output()
+    assert "[driver] stopped on SIGUSR1" in run.output() and "scontrol requeue" in run.calls()
+
+
+def test_ray_steps_keep_the_jobs_environment_and_every_node_cleans_up(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    run = ScriptRun(spec, tmp_path / "job", 105, nodes=2)
+    script_runs.append(run)
+    assert run.finish() == 0, run.output()
+    steps = [line for line in run.calls().splitlines() if line.startswith("srun ")]
+    assert len(steps) == 3, steps  # the head, the other node, the clean-up there
+    # sbatch --export=NONE (or SBATCH_EXPORT=NONE) reaches srun as SLURM_EXPORT_ENV=NONE.
+    assert all(" --export=ALL " in step for step in steps), steps
+    assert steps[2].endswith("--exclude=node1 rm -rf /tmp/ray-midtrain-105"), steps
+
+
+def test_the_head_address_can_come_from_an_interface(
+    spec: Path, tmp_path: Path, script_runs: list[ScriptRun]
+) -> None:
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command here")
+    # Looked up on the node the job runs on, also after a requeue onto another one.
+    env = {"MIDTRAIN_HEAD_IFACE": "lo", "MIDTRAIN_HEAD_IP": "198.51.100.1"}
+    run = ScriptRun(spec, tmp_path / "lo", 106, env=env)
+    script_runs.append(run)
+    assert run.finish() == 0, run.output()
+    assert "Ray head 127.0.0.1:" in run.output()
+    missing = ScriptRun(spec, tmp_path / "missing", 107, env={"MIDTRAIN_HEAD_IFACE": "nosuch0"})
+    script_runs.append(missing)
+    assert missing.finish() == 1
+    assert "MIDTRAIN_HEAD_IFACE=nosuch0: no IPv4 address" in missing.output()
+    assert "srun" not in missing.calls()
+
+
 # --- real jobs ----------------------------------------------------------------------------------
 
 
@@ -586,10 +793,10 @@ def jobs(
     for name, extra, steps in (
         ("complete", (), STEPS),
         ("preempted", (), STEPS),
-        # SIGUSR1 is due 50 s before a 1-minute limit. slurmctld checks limits every 30 s and
-        # signals when the moment falls before its next check: within 30 s of the start, while
-        # this run (minutes long) is still going.
-        ("timelimit", ("--time", "1", "--signal-seconds", "50"), TIMELIMIT_STEPS),
+        # SIGUSR1 is due 55 s before a 2-minute limit (the least midtrain takes: Slurm may signal
+        # up to 60 s early). slurmctld checks limits every 30 s and signals when the moment falls
+        # before its next check: 35-65 s after the start, while this run (minutes long) goes on.
+        ("timelimit", ("--time", "2", "--signal-seconds", "55"), TIMELIMIT_STEPS),
         ("stopped", (), STEPS),
     ):
         spec = run_spec(tmp, prepared_corpora, name, **{**LONG, "train__max_steps": steps})

@@ -10,7 +10,9 @@ that go into shell code are also quoted.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -52,6 +54,19 @@ OWN_OPTIONS: dict[str, str | None] = {
     "cpus-per-task": "--cpus-per-node",
     "comment": None,
 }
+# Options that would break the job, with what to use instead: GPUs Ray is not told about (it is
+# told --gpus-per-node), a job that is not one run, an sbatch that does not return a job id, an
+# environment the job's steps do not get. `--gres` only when it names gpu.
+REFUSED_OPTIONS: dict[str, str] = {
+    "gres": "use --gpus-per-node",
+    "gpus": "use --gpus-per-node",
+    "gpus-per-task": "use --gpus-per-node",
+    "gpus-per-socket": "use --gpus-per-node",
+    "array": "submit each run as a job of its own",
+    "wait": "follow the job with `midtrain jobs logs JOB --follow`",
+    "test-only": "`midtrain slurm render` prints the script without submitting it",
+    "export": "the job needs your environment; pass variables with --env",
+}
 # sbatch's short forms of those (`sbatch --help`): `-t5` is `--time=5`.
 SHORT_OPTIONS = {
     "N": "nodes",
@@ -62,12 +77,26 @@ SHORT_OPTIONS = {
     "t": "time",
     "A": "account",
     "c": "cpus-per-task",
+    "G": "gpus",
+    "a": "array",
+    "W": "wait",
 }
 # sbatch's short options that take no value: getopt reads `-HN4` as `-H -N4`.
 SHORT_FLAGS = set("HOQsvWhV")
 # sbatch takes any unambiguous prefix of a long option (`--part` is --partition), but an exact
-# name wins: these real options are prefixes of midtrain's own and are not theirs.
-NOT_OWN_PREFIXES = {"gpus", "ntasks"}
+# name wins: this real option is a prefix of midtrain's own and is not it.
+NOT_OWN_PREFIXES = {"ntasks"}
+# --env cannot set what the script sets itself, nor what changes how bash or Ray reads it.
+SCRIPT_VARIABLES = {
+    "PYTHON", "RUN_DIR", "SPEC", "RAY_CPUS", "RAY_GPUS", "EXIT_PREEMPTED", "PYTHONUNBUFFERED",
+    "MIDTRAIN_NO_PROGRESS", "RAY_USAGE_STATS_ENABLED", "RAY_CLI", "TOKEN_FILE", "RAY_TMP", "PORT",
+    "HEAD_NODE", "HEAD_IP", "PREEMPTED", "STOPPING", "DRIVER", "HEAD", "WORKERS",
+    "IFS", "BASH_ENV", "SHELLOPTS", "RAY_ADDRESS",
+}  # fmt: skip
+SCRIPT_VARIABLE_PREFIXES = ("RAY_AUTH_",)
+MAX_SIGNAL_SECONDS = 65535  # sbatch --signal: 0-65535
+SIGNAL_EARLY_SECONDS = 60  # "the signal may be sent up to 60 seconds earlier than specified"
+SBATCH_TIMEOUT_S = 60
 # `midtrain jobs status` lists the Slurm jobs whose comment starts with this.
 COMMENT_PREFIX = "midtrain:"
 
@@ -82,8 +111,9 @@ class SlurmOptions:
     time: str | None = None
     account: str | None = None
     job_name: str | None = None
-    cpus_per_node: int | None = None  # Slurm CPUs per node (--cpus-per-task); default: Slurm's
+    cpus_per_node: int | None = None  # Slurm (and Ray) CPUs per node; default: what workers need
     signal_seconds: int = 300  # SIGUSR1 this long before the time limit: time to checkpoint
+    allow_changed_spec: bool = False  # resume despite spec changes that break exactness
     extra_sbatch: tuple[str, ...] = ()
     env: tuple[str, ...] = ()  # KEY=VALUE exported in the job (NCCL_*, HF_HOME, ...)
     python: str = field(default_factory=lambda: sys.executable)
@@ -111,7 +141,8 @@ def check_text(fieldname: str, value: str, pattern: re.Pattern[str] | None = Non
 
 
 def _own_option(option: str) -> str | None:
-    """The option of midtrain's own that sbatch reads ``option`` (``-t5``, ``--part=x``) as."""
+    """The option of midtrain's own, or refused one, that sbatch reads ``option`` (``-t5``,
+    ``--part=x``) as."""
     if not option.startswith("--"):
         for letter in option[1:]:
             if letter in SHORT_OPTIONS:
@@ -120,17 +151,22 @@ def _own_option(option: str) -> str | None:
                 return None
         return None
     name = option[2:].split("=", 1)[0]
-    if name in OWN_OPTIONS:
+    if name in OWN_OPTIONS or name in REFUSED_OPTIONS:
         return name
     if name in NOT_OWN_PREFIXES:
         return None
-    return next((own for own in OWN_OPTIONS if own.startswith(name)), None)
+    return next((own for own in [*OWN_OPTIONS, *REFUSED_OPTIONS] if own.startswith(name)), None)
 
 
 def _check_option(value: str) -> str:
     check_text("--extra-sbatch", value, SBATCH_OPTION)
     own = _own_option(value)
-    if own is not None:
+    if own in REFUSED_OPTIONS:
+        if own != "gres" or re.search(r"(^|,)(gres/)?gpu\b", value.partition("=")[2]):
+            raise ConfigError(
+                f"--extra-sbatch: {value} (--{own}) would break the job: {REFUSED_OPTIONS[own]}"
+            )
+    elif own is not None:
         instead = OWN_OPTIONS[own]
         hint = f"use midtrain's {instead}" if instead else "midtrain needs its own value"
         raise ConfigError(
@@ -144,6 +180,8 @@ def _check_env(value: str) -> tuple[str, str]:
     name, sep, val = value.partition("=")
     if not sep or not ENV_NAME.fullmatch(name):
         raise ConfigError(f"--env: expected KEY=VALUE with a shell variable name, got {value!r}")
+    if name in SCRIPT_VARIABLES or name.startswith(SCRIPT_VARIABLE_PREFIXES):
+        raise ConfigError(f"--env: {name} is set by the batch script itself; it cannot be changed")
     return name, val
 
 
@@ -154,13 +192,17 @@ def check_numbers(o: SlurmOptions) -> SlurmOptions:
         raise ConfigError(f"--gpus-per-node: must be 0 or more, got {o.gpus_per_node}")
     if o.cpus_per_node is not None and o.cpus_per_node < 1:
         raise ConfigError(f"--cpus-per-node: must be at least 1, got {o.cpus_per_node}")
-    if o.signal_seconds < 10:
-        raise ConfigError(f"--signal-seconds: must be at least 10, got {o.signal_seconds}")
-    limit = time_limit_seconds(o.time) if o.time is not None else None
-    if limit is not None and o.signal_seconds >= limit:
-        # The signal would come at the start of every run: checkpoint, requeue, forever.
+    if not 10 <= o.signal_seconds <= MAX_SIGNAL_SECONDS:
         raise ConfigError(
-            f"--signal-seconds: {o.signal_seconds} s must be less than --time {o.time} ({limit} s)"
+            f"--signal-seconds: must be 10 to {MAX_SIGNAL_SECONDS}, got {o.signal_seconds}"
+        )
+    limit = time_limit_seconds(o.time) if o.time is not None else None
+    if limit is not None and o.signal_seconds + SIGNAL_EARLY_SECONDS >= limit:
+        # The signal (sent up to 60 s early) could come at the start of every run: checkpoint,
+        # requeue, forever.
+        raise ConfigError(
+            f"--signal-seconds: {o.signal_seconds} s + {SIGNAL_EARLY_SECONDS} s (Slurm may signal "
+            f"that much early) must be less than --time {o.time} ({limit} s)"
         )
     return o
 
@@ -183,7 +225,7 @@ def time_limit_seconds(value: str) -> int | None:
     return seconds or None  # sbatch: "a time limit of zero requests that no time limit be imposed"
 
 
-def sbatch_lines(options: SlurmOptions, job_name: str, log_dir: Path) -> list[str]:
+def sbatch_lines(options: SlurmOptions, job_name: str, log_dir: Path, cpus: int) -> list[str]:
     o = check_numbers(options)
     check_text("--job-name", job_name, SLURM_NAME)
     check_text("run_dir (the job's log directory)", str(log_dir), SBATCH_PATH)
@@ -196,11 +238,11 @@ def sbatch_lines(options: SlurmOptions, job_name: str, log_dir: Path) -> list[st
         f"--output={log_dir}/slurm-%j.out",
         "--open-mode=append",  # a requeued job appends to the same log
         f"--comment={COMMENT_PREFIX}{log_dir.parent}",  # its run dir, for `midtrain jobs status`
+        # The CPUs Ray is told each node has: without it Slurm gives the one task one CPU.
+        f"--cpus-per-task={cpus}",
     ]
     if o.gpus_per_node:
         lines.append(f"--gpus-per-node={o.gpus_per_node}")
-    if o.cpus_per_node is not None:
-        lines.append(f"--cpus-per-task={o.cpus_per_node}")
     if o.partition is not None:
         lines.append(f"--partition={check_text('--partition', o.partition, SLURM_NAMES)}")
     if o.time is not None:
@@ -233,22 +275,28 @@ def fill_template(template: str, values: dict[str, str], source: str) -> str:
 
 
 def render_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> RenderedJob:
-    """The batch script for this run spec (+ overrides), after validating every value in it.
+    """The batch script for this run spec (+ overrides), after validating every value in it and
+    checking the run as the job's `midtrain train --auto-resume` will (data, start point, changes
+    to a run being resumed), so that a bad spec fails now rather than after the queue.
 
     The job runs the resolved spec (overrides applied, absolute paths), saved by `submit_job` as
     RUN_DIR/slurm/run-spec-HASH.yaml: editing the spec file later changes nothing for the job,
     queued or requeued. Rendering writes nothing.
     """
     from midtrain.launch.ray_cluster import resolved_spec
+    from midtrain.launch.start import prepare_run
 
     check_numbers(options)
     for value in overrides:
         check_text("override", value)
     check_text("run spec path", spec_path)
     check_text("--python", options.python)
+    exports = [f"export {name}={shlex.quote(val)}" for name, val in map(_check_env, options.env)]
     spec = resolved_spec(spec_path, list(overrides))
     run_dir = Path(spec.run_dir)
     check_text("run_dir", str(run_dir))
+    if spec.launch.use_gpu and not options.gpus_per_node:
+        raise ConfigError("launch.use_gpu: true, but the job asks for no GPUs: --gpus-per-node")
     gpus_total = options.nodes * options.gpus_per_node
     if options.gpus_per_node and spec.workers > gpus_total:
         raise ConfigError(
@@ -256,20 +304,36 @@ def render_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> R
             f"{options.nodes} node(s) x {options.gpus_per_node} GPU(s) = {gpus_total}"
         )
     workers_per_node = -(-spec.workers // options.nodes)
-    ray_cpus = options.cpus_per_node or workers_per_node * spec.launch.cpus_per_worker + 1
+    needed = workers_per_node * spec.launch.cpus_per_worker  # Ray Train's controller takes none
+    if options.cpus_per_node is not None and options.cpus_per_node < needed:
+        raise ConfigError(
+            f"--cpus-per-node: {options.cpus_per_node} is too few: {workers_per_node} worker(s) "
+            f"per node x launch.cpus_per_worker {spec.launch.cpus_per_worker} need {needed}"
+        )
+    ray_cpus = options.cpus_per_node or needed + 1  # + 1 spare, as the local launcher gives Ray
+    # What the job's driver runs first; the job names no Ray cluster (see resolved_spec). It
+    # hashes the start checkpoint's files; here, on a login node, their sizes are checked.
+    job_overrides = [*overrides, "launch.ray_address=null"]
+    prepare_run(
+        spec_path,
+        job_overrides,
+        None,
+        options.allow_changed_spec,
+        auto_resume=True,
+        verify_start=False,
+    )
 
     log_dir = run_dir / "slurm"
     job_name = options.job_name or f"midtrain-{run_dir.name}"
     if options.job_name is None:  # derived from the run dir: keep only what Slurm accepts
         job_name = re.sub(r"[^A-Za-z0-9_.+-]", "_", job_name)
-    header = sbatch_lines(options, job_name, log_dir)
+    header = sbatch_lines(options, job_name, log_dir, ray_cpus)
 
     # The driver joins the job's own Ray head ($RAY_ADDRESS, set by the script): the resolved
     # spec names no cluster. Named by its content, so render and submit agree on the path.
     spec_yaml = spec.to_yaml()
     digest = hashlib.sha256(spec_yaml.encode("utf-8")).hexdigest()[:12]
     staged_spec = log_dir / f"run-spec-{digest}.yaml"
-    exports = [f"export {name}={shlex.quote(val)}" for name, val in map(_check_env, options.env)]
     values = {
         "SBATCH": "\n".join(header),
         "PYTHON": shlex.quote(options.python),
@@ -278,6 +342,8 @@ def render_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> R
         "RAY_CPUS": str(ray_cpus),
         "RAY_GPUS": str(options.gpus_per_node),
         "EXPORTS": "\n".join(exports),
+        "TRAIN_OPTIONS": "--auto-resume"
+        + (" --allow-changed-spec" if options.allow_changed_spec else ""),
     }
     template = template_path()
     script = fill_template(template.read_text(encoding="utf-8"), values, str(template))
@@ -293,20 +359,40 @@ def sbatch_command() -> str:
 
 def submit_job(spec_path: str, overrides: list[str], options: SlurmOptions) -> tuple[str, Path]:
     """Render, save the script and the resolved spec under RUN_DIR/slurm/, submit the script;
-    returns (job id, script path)."""
+    returns (job id, script path). A failed submission leaves no files of its own behind."""
     from midtrain.fileio import atomic_write_text
 
     job = render_job(spec_path, overrides, options)
     sbatch = sbatch_command()
     job.log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the log's directory
+    # A queued job of an earlier submission may run the same spec file: keep one that was there.
+    spec_is_new = not job.spec_path.exists()
     # Atomic: a queued job of an earlier submission may be about to read the same file.
     atomic_write_text(job.spec_path, job.spec_yaml)
-    script = job.log_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    script.write_text(job.script, encoding="utf-8")
-    done = subprocess.run(
-        [sbatch, "--parsable", str(script)], capture_output=True, text=True, timeout=60
-    )
+    # Unique (two submissions in one second), and a job-*.sbatch only once it was submitted.
+    name = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(2)}.sbatch"
+    script = job.log_dir / name
+    pending = job.log_dir / f".{name}.pending"
+    atomic_write_text(pending, job.script)
+    try:
+        done = subprocess.run(
+            [sbatch, "--parsable", str(pending)],
+            capture_output=True,
+            text=True,
+            timeout=SBATCH_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pending.unlink(missing_ok=True)  # sbatch has sent or not sent it; the spec stays
+        raise MidtrainError(
+            f"sbatch did not answer in {SBATCH_TIMEOUT_S} s: the job may have been queued all "
+            f"the same; check with `midtrain jobs status` (or `squeue --me`) before submitting "
+            f"again"
+        ) from None
     if done.returncode != 0:
+        pending.unlink(missing_ok=True)
+        if spec_is_new:
+            job.spec_path.unlink(missing_ok=True)
         raise MidtrainError(f"sbatch failed: {done.stderr.strip() or done.stdout.strip()}")
+    os.replace(pending, script)
     job_id = done.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
     return job_id, script

@@ -48,8 +48,10 @@ def prepare_run(
     resume_dir: str | None = None,
     allow_changed_spec: bool = False,
     auto_resume: bool = False,
+    verify_start: bool = True,
 ) -> PreparedRun:
-    """Resolve what to run. ``resume_dir`` or ``resume: true`` continues a run exactly."""
+    """Resolve what to run. ``resume_dir`` or ``resume: true`` continues a run exactly.
+    ``verify_start=False`` checks the start checkpoint's file sizes but does not hash them."""
     if spec_path is None and resume_dir is None:
         raise ConfigError("give a run spec, or --resume RUN_DIR")
     if spec_path is not None:
@@ -96,7 +98,7 @@ def prepare_run(
     # An inline mixture has no file of its own: its errors name the run spec.
     where = spec.mixture.source_file or f"{spec_path}: mixture"
     plan = plan_mixture(spec.mixture, total_sequences=spec.total_sequences, where=where)
-    check_start(spec, resuming)
+    check_start(spec, resuming, verify_start)
     return PreparedRun(spec, resuming, plan)
 
 

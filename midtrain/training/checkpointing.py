@@ -213,12 +213,13 @@ def _check_configured_shape(
     check_same_shape(expected, found, where)
 
 
-def check_start(spec: RunSpec, resuming: bool) -> StartPoint:
-    """Driver-side checks before any worker starts: the start point loads and verifies, its shape
-    fits, and the model's tokenizer is the one the mixture's data was prepared with."""
+def check_start(spec: RunSpec, resuming: bool, verify: bool = True) -> StartPoint:
+    """Driver-side checks before any worker starts: the start point loads and verifies (with
+    ``verify=False``, every file is there at its size), its shape fits, and the model's
+    tokenizer is the one the mixture's data was prepared with."""
     if not resuming and latest_checkpoint(spec.run_dir) is not None:
         raise ConfigError(f"{spec.run_dir} already holds checkpoints of a run")
-    start = resolve_start(spec)
+    start = resolve_start(spec, verify=verify)
     if spec.train.backend == "megatron":  # here, not after every worker has set up its GPU
         par = spec.parallel
         check_model_fits(
