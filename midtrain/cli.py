@@ -219,10 +219,12 @@ def ckpt_prune(run_dir: str, keep_last: int | None, dry_run: bool) -> None:
     """Delete all but the newest N complete checkpoints (and those marked keep, and latest)."""
 
     from midtrain.checkpoints import prune
+    from midtrain.checkpoints.layout import CHECKPOINTS_DIR
     from midtrain.config_io import load_yaml_mapping
 
     if keep_last is None:  # the run's own setting, from the spec the trainer saved in the run dir
-        spec_file = Path(run_dir) / "run_spec.yaml"
+        run = Path(run_dir)
+        spec_file = (run.parent if run.name == CHECKPOINTS_DIR else run) / "run_spec.yaml"
         if not spec_file.is_file():
             raise MidtrainError(f"{spec_file}: not found; give --keep-last N")
         saved = load_yaml_mapping(spec_file)
@@ -240,8 +242,8 @@ def ckpt_keep(path: str, unset: bool) -> None:
     """Mark a checkpoint `keep`: retention never deletes it (e.g. a published branch point)."""
     from midtrain.checkpoints import mark_keep
 
-    mark_keep(path, keep=not unset)
-    click.echo(f"{path}: keep={'no' if unset else 'yes'}")
+    marked = mark_keep(path, keep=not unset)  # a run dir: the checkpoint `latest` names
+    click.echo(f"{marked}: keep={'no' if unset else 'yes'}")
 
 
 @ckpt.command("import-hf")

@@ -793,6 +793,17 @@ def test_a_tied_hugging_face_start_keeps_its_embedding_over_a_stored_lm_head(
     assert torch.equal(start.build_model().model.embed_tokens.weight, embed)
 
 
+def test_manifest_extra_that_is_not_json_is_refused_when_save_is_called(tmp_path: Path) -> None:
+    """Not after every rank has written its part, at the next wait()."""
+    model = tiny_llama()
+    with CheckpointSaver(tmp_path / "run", log=None) as saver:
+        meta = CheckpointMeta(step=1, extra={"grad_norm": torch.tensor(1.0)})
+        with pytest.raises(TypeError, match="extra.grad_norm"):
+            saver.save(meta, model_state=model.state_dict(), config=model.config, blocking=False)
+        saver.wait()  # nothing was started
+    assert not list((tmp_path / "run" / "checkpoints").glob("*step_00000001"))
+
+
 def test_a_start_from_one_of_our_directories_goes_through_its_checks(tmp_path: Path) -> None:
     """model.from_checkpoint on a run directory follows ``latest``; a crashed save's staging
     directory or a checkpoint without its manifest is refused, never read as a plain HF one."""

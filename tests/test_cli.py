@@ -247,6 +247,9 @@ def test_ckpt_show_keep_and_prune(tiny_run: Path) -> None:
     assert first.is_dir() and second.is_dir()
 
     assert midtrain_cli("ckpt", "keep", str(first), "--unset").returncode == 0
+    by_run = midtrain_cli("ckpt", "keep", str(tiny_run))  # marks (and names) what latest names
+    assert by_run.returncode == 0 and by_run.stdout.strip() == f"{second}: keep=yes"
+    assert midtrain_cli("ckpt", "keep", str(tiny_run), "--unset").returncode == 0
     (tiny_run / "run_spec.yaml").write_text("checkpoint: {keep_last: 1\n")  # malformed
     broken = midtrain_cli("ckpt", "prune", str(tiny_run))
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
@@ -254,7 +257,8 @@ def test_ckpt_show_keep_and_prune(tiny_run: Path) -> None:
     (tiny_run / "run_spec.yaml").write_text(
         yaml.safe_dump({"run_dir": str(tiny_run), "checkpoint": {"keep_last": 1}})
     )
-    pruned = midtrain_cli("ckpt", "prune", str(tiny_run))
+    # Its checkpoints/ directory is the run's too (the spec is the run dir's).
+    pruned = midtrain_cli("ckpt", "prune", str(tiny_run / "checkpoints"))
     assert pruned.returncode == 0 and f"deleted {first}" in pruned.stdout
     assert not first.exists() and second.is_dir()
 
