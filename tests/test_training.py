@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,11 @@ def ray_address() -> Any:
     """One local Ray cluster for every run in this module (Ray's start-up dominates a tiny run)."""
     import ray
 
-    from midtrain.launch.local import init_ray
+    from midtrain.launch.local import init_ray, shutdown_ray
 
     init_ray(None, num_cpus=4)
     yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    shutdown_ray()
 
 
 def run_spec(tmp: Path, corpora: dict[str, Path], name: str, **changes: Any) -> Path:
@@ -304,6 +305,33 @@ def test_after_a_hang_up_the_driver_writes_nowhere_instead_of_failing(tmp_path: 
     os.close(master)
     os.waitpid(pid, 0)
     assert found.read_text() == "failed written"
+
+
+def test_what_ray_terminates_at_shutdown_is_killed_at_once() -> None:
+    """An embedded Ray's processes have SIGTERM blocked (a stop signal to the whole process group
+    reaches the driver only), so Ray's SIGTERM at shutdown stays pending: it is made a SIGKILL."""
+    from midtrain.launch.local import _kill_when_terminated
+
+    code = (
+        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+        "print('ready', flush=True); time.sleep(120)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    done = threading.Event()
+    reaper = threading.Thread(target=_kill_when_terminated, args=(done,))
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.terminate()  # as ray.shutdown() does: blocked, so it only stays pending
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=1)
+        reaper.start()
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        done.set()
+        if reaper.is_alive():
+            reaper.join()
+        child.kill()
+        child.wait()
 
 
 def test_an_unreachable_cluster_address_is_an_error_at_once(

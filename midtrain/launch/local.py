@@ -53,8 +53,8 @@ def init_ray(address: str | None, num_cpus: int) -> None:
     # Ray's processes inherit the signal mask they start with (its workers too, through the
     # raylet): with the stop signals blocked, a signal to the whole process group (Ctrl-C, a
     # closed terminal, `timeout`, systemd) reaches the driver only, which checkpoints and stops
-    # the workers, instead of killing the embedded cluster under them. ray.shutdown() still
-    # stops them (SIGKILL after its grace period).
+    # the workers, instead of killing the embedded cluster under them. ``shutdown_ray`` still
+    # stops them, with a SIGKILL.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         ray.init(
@@ -72,6 +72,63 @@ def init_ray(address: str | None, num_cpus: int) -> None:
         )
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, without its grace of 1 s for each of an embedded Ray's processes.
+
+    They run with the stop signals blocked (see ``init_ray``), so the SIGTERM Ray sends each in
+    turn stays pending until its SIGKILL a second later. While Ray shuts down, any of our
+    descendants with a SIGTERM pending is sent that SIGKILL at once (Linux; elsewhere, or
+    connected to a cluster, this is ``ray.shutdown()``).
+    """
+    import ray
+
+    done = threading.Event()
+    reaper = threading.Thread(target=_kill_when_terminated, args=(done,), daemon=True)
+    reaper.start()
+    try:
+        ray.shutdown()
+    finally:
+        done.set()
+        reaper.join()
+
+
+def _kill_when_terminated(done: threading.Event, poll_s: float = 0.02) -> None:
+    while not done.wait(poll_s):
+        for pid in _descendants(os.getpid()):
+            if _sigterm_pending(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            parents[int(stat_file.parent.name)] = int(
+                stat_file.read_text().rpartition(")")[2].split()[1]
+            )
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _sigterm_pending(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    bit = 1 << (signal.SIGTERM - 1)
+    return any(
+        int(line.split()[1], 16) & bit
+        for line in status.splitlines()
+        if line.startswith(("SigPnd:", "ShdPnd:"))
+    )
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -93,12 +150,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 def run_on_ray(prepared: PreparedRun) -> int:
     """Run to completion (or preemption) and return the process exit status."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.config import LoggingConfig
-
-    from midtrain.training.loop import worker_entry
-
     spec = prepared.spec
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +163,21 @@ def run_on_ray(prepared: PreparedRun) -> int:
 
         use_gpu = torch.cuda.is_available()
     init_ray(spec.launch.ray_address, spec.workers * spec.launch.cpus_per_worker + 1)
+    try:
+        return _train(prepared, use_gpu)
+    finally:
+        shutdown_ray()  # here, not at exit: quick, and before the caller's own output
+
+
+def _train(prepared: PreparedRun, use_gpu: bool) -> int:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
+
+    from midtrain.training.loop import worker_entry
+
+    spec = prepared.spec
+    run_dir = Path(spec.run_dir)
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config={
