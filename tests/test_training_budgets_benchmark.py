@@ -32,13 +32,21 @@ def jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_budgets_from_two_real_runs(tmp_path: Path) -> None:
-    work, out = tmp_path / "work", tmp_path / "out"
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The benchmark run once, both runs in one process: (its --dir, --out-dir, stdout)."""
+    root = tmp_path_factory.mktemp("budgets")
+    work, out = root / "work", root / "out"
     work.mkdir()
     proc = budgets(*TINY, "--dir", str(work), "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout)  # stdout is the JSON document and nothing else
+    return work, out, proc.stdout
+
+
+@pytest.mark.slow
+def test_budgets_from_two_real_runs(two_runs: tuple[Path, Path, str]) -> None:
+    work, out, stdout = two_runs
+    report = json.loads(stdout)  # stdout is the JSON document and nothing else
     every, end_only = report["runs"]["every_5"], report["runs"]["end_only"]
     # Counted from the runs' own save events: steps 5, 10 and the final 12; the final 12 alone.
     assert (every["saves"], end_only["saves"], report["intermediate_saves"]) == (3, 1, 2)
@@ -91,15 +99,19 @@ def test_budgets_from_two_real_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_run_at_a_time_then_combined(tmp_path: Path) -> None:
-    for which in ("end-only", "every"):
-        proc = budgets(
-            *TINY, "--only", which, "--dir", str(tmp_path), "--out-dir", str(tmp_path / which)
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (record,) = jsonl(tmp_path / which / "results.jsonl")  # this run alone
-        assert json.loads(proc.stdout) == record and record["run"] == which
-        assert record["settings"]["steps"] == 12 and record["settings"]["interval"] == 5
+def test_one_run_at_a_time_then_combined(tmp_path: Path, two_runs: tuple[Path, Path, str]) -> None:
+    # The end-only run as one of the two-run benchmark wrote it; the every-N run on its own.
+    (tmp_path / "end-only").mkdir()
+    written = [r for r in jsonl(two_runs[1] / "results.jsonl") if r["run"] == "end-only"]
+    (tmp_path / "end-only" / "results.jsonl").write_text(json.dumps(written[0]) + "\n")
+    which = "every"
+    proc = budgets(
+        *TINY, "--only", which, "--dir", str(tmp_path), "--out-dir", str(tmp_path / which)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = jsonl(tmp_path / which / "results.jsonl")  # this run alone
+    assert json.loads(proc.stdout) == record and record["run"] == which
+    assert record["settings"]["steps"] == 12 and record["settings"]["interval"] == 5
     end_only = jsonl(tmp_path / "end-only" / "results.jsonl")[0]
     every_file = tmp_path / "every" / "results.jsonl"
     every = jsonl(every_file)[0]
