@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -43,6 +44,26 @@ def make_progress(transient: bool = False) -> Progress:
         transient=transient,
         disable=not progress_enabled(),
     )
+
+
+PROGRESS_LINE_S = 30.0
+
+
+class ProgressLines:
+    """Where stderr is not a terminal (a Slurm or nohup log) there is no progress bar: instead, a
+    plain line at most every ``PROGRESS_LINE_S`` seconds, the first after that long (a short
+    run prints none). Off, like the bar, with ``MIDTRAIN_NO_PROGRESS``."""
+
+    def __init__(self) -> None:
+        self.enabled = os.environ.get("MIDTRAIN_NO_PROGRESS", "") == "" and not console.is_terminal
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.enabled and time.monotonic() - self._last >= PROGRESS_LINE_S
+
+    def print(self, line: str) -> None:
+        self._last = time.monotonic()
+        console.print(line, markup=False)
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

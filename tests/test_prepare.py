@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from conftest import stdlib_texts
 from transformers import AutoTokenizer
 
 from midtrain import console
+from midtrain.data_mixing import prepare as prepare_module
 from midtrain.data_mixing.indexed import IndexedWriter, open_indexed, write_indexed
 from midtrain.data_mixing.prepare import PrepareConfig, holdout_score, prepare_corpus
 from midtrain.data_mixing.stats import holdout_prefix, load_stats, stats_path
@@ -69,7 +72,7 @@ def files_of(prefix: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in prefix.parent.iterdir() if p.is_file()}
 
 
-# --- formats ------------------------------------------------------------------------------------
+# --- formats --------------------------------------------------------------------------------------
 
 
 def write_input(kind: str, root: Path, texts: list[str]) -> tuple[Path, list[str], dict]:
@@ -244,7 +247,7 @@ def test_symlinked_directories_are_walked_and_loops_end(
     assert prepare(tiny_tokenizer, [data / "*" / "*.jsonl"], tmp_path / "g")["documents"] == 1
 
 
-# --- bad input ----------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 
 
 def write_bad_inputs(root: Path) -> list[Path]:
@@ -388,7 +391,7 @@ def test_all_records_rejected_is_an_error(tiny_tokenizer: Path, tmp_path: Path) 
     assert list((tmp_path / "out").iterdir()) == []
 
 
-# --- outputs ------------------------------------------------------------------------------------
+# --- outputs --------------------------------------------------------------------------------------
 
 
 def test_stats_fields(
@@ -537,7 +540,7 @@ def test_killed_run_leaves_nothing_complete(tiny_tokenizer: Path, tmp_path: Path
     assert load_stats(prefix)["documents"] == len(stored(prefix))
 
 
-# --- indexed datasets ---------------------------------------------------------------------------
+# --- indexed datasets -----------------------------------------------------------------------------
 
 
 def test_large_vocabulary_is_stored_as_int32(tmp_path: Path) -> None:
@@ -657,3 +660,260 @@ def test_unreadable_file_is_an_error_naming_it(
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / name}: cannot read it")):
         prepare(tiny_tokenizer, [tmp_path / name], out)
     assert list(out.parent.iterdir()) == []
+
+
+# --- compressed files, encodings, special tokens --------------------------------------------------
+
+
+def compress(path: Path, data: bytes) -> Path:
+    """``data`` written to ``path``, compressed by its suffix."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    compressors = {
+        ".gz": gzip.compress,
+        ".bz2": bz2.compress,
+        ".xz": lzma.compress,
+        ".zst": zstandard.ZstdCompressor().compress,
+    }
+    path.write_bytes(compressors.get(path.suffix, bytes)(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name", ["c.jsonl", "c::1.jsonl.gz", "c.json.zst", "c.jsonl.bz2", "c.jsonl.xz"]
+)
+def test_jsonl_is_read_as_bytes_compressed_or_not(
+    name: str, tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    # UTF-8 as it is (not \u escapes), a blank line, a bad byte and \r\n: the bad line alone is
+    # rejected, at its own line number
+    good = ["Привет, “мир” — 10 €", "café Åland"]
+    lines = [
+        json.dumps({"text": good[0]}, ensure_ascii=False).encode() + b"\r\n",
+        b"\n",
+        b'{"text": "bad \xff byte"}\n',
+        json.dumps({"text": good[1]}, ensure_ascii=False).encode() + b"\n",
+    ]
+    path = compress(tmp_path / name, b"".join(lines))
+    stats = prepare(tiny_tokenizer, [path], tmp_path / "c")
+    assert stored(tmp_path / "c") == direct(tiny_tokenizer, good)
+    assert stats["rejected"] == {"invalid_utf8": 1}
+    assert stats["rejected_examples"] == {"invalid_utf8": f"{path}:3"}
+
+
+@pytest.mark.parametrize("paragraphs", [False, True])
+def test_txt_is_read_compressed_or_not(
+    paragraphs: bool, tiny_tokenizer: Path, tmp_path: Path
+) -> None:
+    text = "première partie\n\nseconde partie\n"
+    inputs = [
+        compress(tmp_path / f"t{ext}", text.encode()) for ext in (".txt", ".txt.gz", ".txt.zst")
+    ]
+    stats = prepare(tiny_tokenizer, inputs, tmp_path / "c", paragraphs=paragraphs)
+    docs = ["première partie", "seconde partie"] if paragraphs else [text]
+    assert stored(tmp_path / "c") == direct(tiny_tokenizer, docs * 3)
+    assert stats["rejected"] == {}
+
+
+def test_a_byte_order_mark_is_not_text(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    bom = b"\xef\xbb\xbf"
+    inputs = [
+        compress(tmp_path / "a.jsonl", bom + b'{"text": "first"}\r\n{"text": "second"}\r\n'),
+        compress(tmp_path / "b.jsonl.gz", bom + b'{"text": "third"}\n'),
+        compress(tmp_path / "c.txt", bom + b"a txt file\r\n"),
+    ]
+    stats = prepare(tiny_tokenizer, inputs, tmp_path / "doc")
+    assert stored(tmp_path / "doc") == direct(
+        tiny_tokenizer, ["first", "second", "third", "a txt file\n"]
+    )
+    assert stats["rejected"] == {}
+    (tmp_path / "p.txt").write_bytes(bom + b"para one\r\n\r\npara two\r\n")
+    prepare(tiny_tokenizer, [tmp_path / "p.txt"], tmp_path / "par", paragraphs=True)
+    assert stored(tmp_path / "par") == direct(tiny_tokenizer, ["para one", "para two"])
+
+
+def test_special_token_text_in_a_document_is_text(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    # a second tokenizer, loaded from its directory, whose eos is another special token
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer))
+    tok.add_special_tokens({"eos_token": "</s>"})
+    tok.save_pretrained(str(tmp_path / "s_tok"))
+    text = "a post quoting <|endoftext|> and </s> in the middle"
+    source = jsonl(tmp_path / "c.jsonl", [{"text": text}, {"text": "next"}])
+    for tok_dir in (tiny_tokenizer, tmp_path / "s_tok"):
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        special = set(tok.all_special_ids)
+        stats = prepare(tok_dir, [source], tmp_path / "c")
+        first, second = stored(tmp_path / "c")
+        assert stats["documents"] == 2
+        assert first[-1] == second[-1] == stats["tokenizer"]["eod_id"] == tok.eos_token_id
+        assert not special & set(first[:-1]), first  # no special id but the document's end
+        assert tok.decode(first[:-1]) == text
+
+
+# --- what the inputs hold -------------------------------------------------------------------------
+
+
+def test_files_a_walk_cannot_read_are_reported(
+    tiny_tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "a.jsonl", [{"text": "plain"}])
+    compress(data / "b.jsonl.zst", b'{"text": "zstd"}\n')
+    compress(data / "c.txt.xz", b"xz text")
+    compress(data / "d.json.lz4", b"not read")
+    (data / "notes.md").write_text("not a corpus file", encoding="utf-8")
+    (data / "README").write_text("not a corpus file", encoding="utf-8")
+    prepare(tiny_tokenizer, [data / "a.jsonl"], data / "old")  # output inside the input: not listed
+    capsys.readouterr()
+    stats = prepare(tiny_tokenizer, [data], tmp_path / "c")
+    assert stored(tmp_path / "c") == direct(tiny_tokenizer, ["plain", "zstd", "xz text"])
+    skipped = [str(data / n) for n in ("README", "d.json.lz4", "notes.md")]
+    assert stats["skipped_files"] == {
+        "count": 3,
+        "by_extension": {".lz4": 1, ".md": 1, "no extension": 1},
+        "first": skipped,
+    }
+    assert load_stats(tmp_path / "c")["skipped_files"] == stats["skipped_files"]
+    err = capsys.readouterr().err
+    assert "warning: skipped 3 file(s) of other types (.lz4: 1, .md: 1, no extension: 1)" in err
+    assert skipped[0] in err
+    with pytest.raises(DataError, match="d.json.lz4: unsupported file type"):
+        prepare(tiny_tokenizer, [data / "d.json.lz4"], tmp_path / "e")
+
+
+def test_a_file_reached_twice_is_read_once(
+    tiny_tokenizer: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "a.jsonl", [{"text": "only one document"}])
+    (data / "copy.jsonl").symlink_to(data / "a.jsonl")
+    (tmp_path / "link").symlink_to(data)
+    stats = prepare(tiny_tokenizer, [data, tmp_path / "link", data / "a.jsonl"], tmp_path / "c")
+    assert stored(tmp_path / "c") == direct(tiny_tokenizer, ["only one document"])
+    assert [i["path"] for i in stats["inputs"]] == [str(data / "a.jsonl")]
+    err = capsys.readouterr().err
+    assert f"read once: 4 input(s) were a file already read ({data / 'copy.jsonl'} is" in err
+
+
+# --- worker processes -----------------------------------------------------------------------------
+
+
+def die_on_marker(self: object, raw: object) -> object:
+    """Encoder.__call__ in a worker that the system kills (out of memory) on one batch."""
+    if any("die here" in item for item in raw.items):  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ENCODER_CALL(self, raw)
+
+
+ENCODER_CALL = prepare_module.Encoder.__call__
+
+
+def slowly(read_raw: Callable[..., Iterator[object]]) -> Callable[..., Iterator[object]]:
+    def read(*args: object, **kw: object) -> Iterator[object]:
+        for batch in read_raw(*args, **kw):
+            yield batch
+            time.sleep(1)  # long enough for the pool to see a worker die
+
+    return read
+
+
+@pytest.mark.parametrize("at", [0, 20])  # the next batch's submit fails; a result fails
+def test_a_killed_worker_is_an_error_naming_the_lines(
+    at: int, tiny_tokenizer: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prepare_module.Encoder, "__call__", die_on_marker)  # forked workers too
+    if at == 0:
+        monkeypatch.setattr(prepare_module, "read_raw", slowly(prepare_module.read_raw))
+    records = [{"text": f"doc {i}"} for i in range(20)]
+    records.insert(at, {"text": "die here"})
+    source = jsonl(tmp_path / "c.jsonl", records)
+    with pytest.raises(DataError) as err:
+        prepare(tiny_tokenizer, [source], tmp_path / "out" / "c", num_proc=2, batch_size=4)
+    assert re.fullmatch(
+        re.escape(f"{source}: a tokenizer worker process died (killed for lack of memory?) ")
+        + r"while lines \d+-\d+ were being tokenized; try fewer worker processes \(--num-proc 1\)",
+        str(err.value),
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+TERM_SCRIPT = textwrap.dedent(
+    """
+    import multiprocessing, os, signal, sys
+    from midtrain.data_mixing import indexed
+    from midtrain.data_mixing.prepare import PrepareConfig, prepare_corpus
+
+    # SIGTERM (Slurm's scancel, a time limit) while the workers are up: no cleanup runs here
+    def add_then_term(self, tokens, lengths):
+        print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    indexed.IndexedWriter.add_documents = add_then_term
+
+    tok, out, *inputs = sys.argv[1:]
+    prepare_corpus(PrepareConfig(inputs=inputs, tokenizer=tok, output=out, num_proc=2))
+    """
+)
+
+
+def running(pid: int) -> bool:
+    """A process that has not ended (a zombie waiting to be reaped has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_with_a_terminated_main_process(tiny_tokenizer: Path, tmp_path: Path) -> None:
+    source = jsonl(tmp_path / "c.jsonl", [{"text": f"doc {i}"} for i in range(20)])
+    env = {**os.environ, "MIDTRAIN_NO_PROGRESS": "1"}
+    args = [str(tiny_tokenizer), str(tmp_path / "c"), str(source)]
+    pids = tmp_path / "pids.txt"
+    with open(pids, "w") as out:  # a file, not a pipe: orphans would hold a pipe open
+        proc = subprocess.run(
+            [sys.executable, "-c", TERM_SCRIPT, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+    workers = [int(pid) for pid in pids.read_text().split()]
+    try:
+        assert proc.returncode == -signal.SIGTERM and len(workers) == 2
+        deadline = time.monotonic() + 10
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(running, workers)), "workers outlived the main process"
+    finally:
+        for pid in filter(running, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+def test_progress_lines_where_stderr_is_not_a_terminal(
+    tiny_tokenizer: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = [jsonl(tmp_path / f"{n}.jsonl", [{"text": n}]) for n in ("a", "b")]
+    monkeypatch.setattr(console, "PROGRESS_LINE_S", 0.0)  # a line at every chance
+    monkeypatch.delenv("MIDTRAIN_NO_PROGRESS", raising=False)
+    assert not console.console.is_terminal  # captured
+    prepare(tiny_tokenizer, inputs, tmp_path / "c")
+    err = capsys.readouterr().err
+    assert "hashing inputs: 0/2 files  0B of " in err and "hashing inputs: 1/2 files" in err
+    assert "tokenizing: 0/2 files  1 docs  " in err and f"tok/s  {inputs[1]}" in err
+
+    monkeypatch.setenv("MIDTRAIN_NO_PROGRESS", "1")
+    prepare(tiny_tokenizer, inputs, tmp_path / "c")
+    err = capsys.readouterr().err
+    assert "hashing" not in err and "tokenizing" not in err

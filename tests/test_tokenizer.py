@@ -186,9 +186,15 @@ def test_vocab_below_the_byte_alphabet_is_rejected(tmp_path: Path) -> None:
 
 
 def test_training_without_any_document_fails(tmp_path: Path) -> None:
-    (tmp_path / "bad.jsonl").write_text('{"other": 1}\nnot json\n', encoding="utf-8")
-    with pytest.raises(DataError, match="no documents"):
-        train_tokenizer([str(tmp_path / "bad.jsonl")], 300, tmp_path / "tok")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"other": 1}\nnot json\n{"other": 2}\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        train_tokenizer([str(bad)], 300, tmp_path / "tok")
+    # why, as `data prepare` says it: each reason, how often and where first
+    assert str(err.value) == (
+        "no documents: every record was rejected: "
+        f"2 no 'text' field (first at {bad}:1), 1 not valid JSON (first at {bad}:2)"
+    )
     assert not (tmp_path / "tok").exists()
 
 

@@ -13,6 +13,7 @@ into place only when complete, so a failed or killed run leaves the previous out
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import multiprocessing
@@ -20,10 +21,12 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from midtrain import console
 from midtrain.config_io import AbsPath, Bool, Float, Int, StrictModel
 from midtrain.data_mixing.indexed import IndexedWriter, token_dtype
 from midtrain.data_mixing.readers import (
+    Inputs,
     RawBatch,
     Rejections,
     Source,
@@ -42,6 +46,7 @@ from midtrain.data_mixing.readers import (
     expand_inputs,
     fingerprint_paths,
     make_dir,
+    nothing_left,
     parse_batch,
     read_raw,
 )
@@ -138,6 +143,9 @@ class Encoder:
         ids: list[list[int]] = self.tokenizer(
             texts,
             add_special_tokens=False,
+            # a special token's text in a document ("<|endoftext|>" quoted in a forum post) is
+            # text: as a special id it would end the document early
+            split_special_tokens=True,
             return_attention_mask=False,
             return_token_type_ids=False,
         )["input_ids"]
@@ -158,12 +166,28 @@ class Encoder:
 _worker_encoder: Encoder | None = None
 
 
-def _init_worker(spec: EncodeSpec) -> None:
+def _init_worker(spec: EncodeSpec, parent: int) -> None:
     global _worker_encoder
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     # One process per core already: the tokenizer's own threads would only compete.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_encoder = Encoder(spec)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, have the kernel kill this worker when the main process ends (strictly: the
+    thread that forked it, which runs prepare_corpus while the pool lives). A main process killed
+    (SIGTERM from Slurm, the OOM killer) runs no cleanup, and its workers, which hold the task
+    queue's pipe open themselves, would otherwise wait for work forever."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
 
 
 def _encode_in_worker(raw: RawBatch) -> Encoded:
@@ -182,16 +206,12 @@ class _EndOfSource:
 Item = RawBatch | _EndOfSource
 
 
-def _work_items(
-    sources: list[Source], cfg: PrepareConfig, num_proc: int, cache_dir: Path
-) -> Iterator[Item]:
+def _work_items(sources: list[Source], cfg: PrepareConfig, num_proc: int) -> Iterator[Item]:
     # In this process, big batches keep the tokenizer's threads busy; across processes, smaller
     # ones spread long documents evenly over the workers.
     max_chars = 8 << 20 if num_proc == 1 else 1 << 20
     for source in sources:
-        yield from read_raw(
-            source, cfg.text_field, cfg.paragraphs, cfg.batch_size, cache_dir, max_chars
-        )
+        yield from read_raw(source, cfg.text_field, cfg.paragraphs, cfg.batch_size, max_chars)
         yield _EndOfSource()
 
 
@@ -208,7 +228,7 @@ class _Pool:
         # fork (what datasets' own map uses) starts workers at once; spawn where there is no fork
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         self.executor = ProcessPoolExecutor(
-            num_proc, multiprocessing.get_context(method), _init_worker, (spec,)
+            num_proc, multiprocessing.get_context(method), _init_worker, (spec, os.getpid())
         )
         # Start the workers now, before the progress bar starts a thread in this process.
         self.executor.submit(os.getpid).result()
@@ -218,24 +238,36 @@ class _Pool:
             for item in items:
                 yield item, self.encoder(item) if isinstance(item, RawBatch) else None
             return
-        assert self.executor is not None
         pending: deque[tuple[Item, Future[Encoded] | None]] = deque()
         for item in items:
-            is_batch = isinstance(item, RawBatch)
-            pending.append(
-                (item, self.executor.submit(_encode_in_worker, item) if is_batch else None)
-            )
+            pending.append((item, self._submit(item, pending)))
             while pending and (pending[0][1] is None or len(pending) > self.window):
                 yield self._pop(pending)
         while pending:
             yield self._pop(pending)
+
+    def _submit(
+        self, item: Item, pending: deque[tuple[Item, Future[Encoded] | None]]
+    ) -> Future[Encoded] | None:
+        if not isinstance(item, RawBatch):
+            return None
+        assert self.executor is not None
+        try:
+            return self.executor.submit(_encode_in_worker, item)
+        except BrokenProcessPool:  # a worker died on a batch in flight: name the oldest
+            raise _worker_died(next((i for i, f in pending if f is not None), item)) from None
 
     @staticmethod
     def _pop(
         pending: deque[tuple[Item, Future[Encoded] | None]],
     ) -> tuple[Item, Encoded | None]:
         item, future = pending.popleft()
-        return item, None if future is None else future.result()
+        if future is None:
+            return item, None
+        try:
+            return item, future.result()
+        except BrokenProcessPool:
+            raise _worker_died(item) from None
 
     def __enter__(self) -> _Pool:
         return self
@@ -243,6 +275,16 @@ class _Pool:
     def __exit__(self, *exc: object) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_died(batch: Item) -> DataError:
+    assert isinstance(batch, RawBatch)
+    unit = "rows" if batch.kind == "columnar" else "lines"
+    return DataError(
+        f"{batch.where}: a tokenizer worker process died (killed for lack of memory?) "
+        f"while {unit} {batch.lines[0]}-{batch.lines[-1]} were being tokenized; "
+        "try fewer worker processes (--num-proc 1)"
+    )
 
 
 def default_num_proc() -> int:
@@ -266,12 +308,15 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
     """
     started = time.perf_counter()
     rejections = Rejections(strict=cfg.strict, text_field=cfg.text_field)
-    sources = expand_inputs(cfg.inputs, rejections)
+    found = expand_inputs(cfg.inputs, rejections)
+    sources = found.sources
     tokenizer = load_tokenizer(cfg.tokenizer)
     eod = eod_id(tokenizer)
     vocab_size = len(tokenizer)
     dtype = np.dtype(token_dtype(vocab_size))
-    input_hashes = [_sha256_source(s) for s in sources]
+    if found.skipped:
+        console.console.print(found.skipped_note(), markup=False)
+    input_hashes = _hash_inputs(sources)
 
     prefix = Path(cfg.output)
     make_dir(prefix.parent, prefix)
@@ -286,10 +331,10 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
     try:
         num_proc = cfg.num_proc or default_num_proc()
         with _Pool(num_proc, spec, tokenizer) as pool:
-            encoded = pool.map(_work_items(sources, cfg, num_proc, work / "datasets-cache"))
+            encoded = pool.map(_work_items(sources, cfg, num_proc))
             _consume(encoded, sources, train, holdout, rejections, per_source)
         if train.documents + holdout.documents == 0:
-            raise DataError(_nothing_left(cfg, rejections))
+            raise DataError(nothing_left(cfg.inputs, rejections))
         if train.documents == 0:
             raise DataError(
                 f"all {holdout.documents:,} documents fell in the held-out split: "
@@ -312,6 +357,7 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
                 {"path": s.path, "sha256": h, "documents": n}
                 for s, h, n in zip(sources, input_hashes, per_source, strict=True)
             ],
+            "skipped_files": found.skipped_stats(),
             "dtype": dtype.name,
             "text_field": cfg.text_field,
             "paragraphs": cfg.paragraphs,
@@ -322,7 +368,7 @@ def prepare_corpus(cfg: PrepareConfig) -> dict[str, Any]:
         for writer in (train, holdout):
             writer.abort()  # closes its files; once committed, there is nothing left to remove
         shutil.rmtree(work, ignore_errors=True)
-    _print_summary(prefix, stats, rejections, cfg.text_field, time.perf_counter() - started)
+    _print_summary(prefix, stats, rejections, found, time.perf_counter() - started)
     return {"format": STATS_FORMAT, **stats}
 
 
@@ -338,6 +384,7 @@ def _consume(
     current = 0  # batches come source by source, each source closed by an _EndOfSource
     seen = 0  # documents + rejected records of the current source
     started = time.perf_counter()
+    lines = console.ProgressLines()
     with console.make_progress() as progress:
         task = progress.add_task("tokenizing", total=len(sources), extra="")
         for item, batch in encoded:
@@ -356,11 +403,13 @@ def _consume(
             seen += batch.documents + len(batch.rejects)
             tokens = train.tokens + holdout.tokens
             rate = tokens / max(time.perf_counter() - started, 1e-9)
-            progress.update(
-                task,
-                extra=f"{train.documents + holdout.documents:,} docs  {tokens:,} tokens  "
-                f"{rate:,.0f} tok/s",
+            extra = (
+                f"{train.documents + holdout.documents:,} docs  {tokens:,} tokens  "
+                f"{rate:,.0f} tok/s"
             )
+            progress.update(task, extra=extra)
+            if lines.due():
+                lines.print(f"tokenizing: {current}/{len(sources)} files  {extra}  {item.where}")
 
 
 def _commit(
@@ -382,8 +431,27 @@ def _commit(
     write_stats(prefix, stats)
 
 
-def _sha256_source(source: Source) -> str:
-    paths = fingerprint_paths(source)
+def _hash_inputs(sources: list[Source]) -> list[str]:
+    """Every source's sha256 (for stats.json), with progress: this reads all of their bytes."""
+    files = [fingerprint_paths(s) for s in sources]
+    total = sum(p.stat().st_size for paths in files for p in paths)
+    done = 0
+    hashes = []
+    lines = console.ProgressLines()
+    with console.make_progress(transient=True) as progress:
+        task = progress.add_task("hashing inputs", total=len(sources), extra="")
+        for source, paths in zip(sources, files, strict=True):
+            extra = f"{console.short_count(done)}B of {console.short_count(total)}B"
+            progress.update(task, extra=extra)
+            if lines.due():
+                lines.print(f"hashing inputs: {len(hashes)}/{len(sources)} files  {extra}")
+            hashes.append(_sha256_source(source, paths))
+            done += sum(p.stat().st_size for p in paths)
+            progress.advance(task)
+    return hashes
+
+
+def _sha256_source(source: Source, paths: list[Path]) -> str:
     if len(paths) == 1 and str(paths[0]) == source.path:
         return sha256_file(source.path)
     h = hashlib.sha256()  # a saved dataset: every file's name and hash
@@ -420,18 +488,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _nothing_left(cfg: PrepareConfig, rejections: Rejections) -> str:
-    if not rejections.total:
-        return f"no documents in {', '.join(cfg.inputs)}"
-    reasons = ", ".join(
-        f"{count:,} {describe(reason, cfg.text_field)} (first at {rejections.examples[reason]})"
-        for reason, count in rejections.counts.items()
-    )
-    return f"no documents: every record was rejected: {reasons}"
-
-
 def _print_summary(
-    prefix: Path, stats: dict[str, Any], rejections: Rejections, text_field: str, seconds: float
+    prefix: Path, stats: dict[str, Any], rejections: Rejections, found: Inputs, seconds: float
 ) -> None:
     tokens = stats["tokens"] + stats["holdout_tokens"]
     rows: list[tuple[str, Any]] = [
@@ -446,9 +504,11 @@ def _print_summary(
     console.print_table(console.table(f"prepared {prefix}", ("", "value"), rows))
     if rejections.total:
         bad = [
-            (describe(reason, text_field), count, rejections.examples[reason])
+            (describe(reason, rejections.text_field), count, rejections.examples[reason])
             for reason, count in sorted(rejections.counts.items())
         ]
         table = console.table("rejected records", ("reason", "count", "first at"), bad)
         table.columns[-1].overflow = "fold"  # a location is only useful whole
         console.print_table(table)
+    if found.duplicates:
+        console.console.print(found.duplicates_note(), markup=False)

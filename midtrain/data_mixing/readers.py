@@ -1,11 +1,12 @@
 """Read documents from local corpora, counting every record that cannot become a document.
 
-Inputs are files (jsonl, jsonl.gz, parquet, txt), saved HF datasets (``Dataset.save_to_disk``),
-directories (walked for those) or globs. Reading is split in two so that the expensive half can run
-in worker processes:
+Inputs are files (jsonl and txt, also compressed; parquet), saved HF datasets
+(``Dataset.save_to_disk``), directories (walked for those) or globs. Reading is split in two so
+that the expensive half can run in worker processes:
 
-- ``read_raw`` (sequential, cheap) streams raw records through the ``datasets`` library with their
-  line numbers: jsonl lines, txt documents or paragraphs, parquet/dataset column values;
+- ``read_raw`` (sequential, cheap) streams raw records with their line numbers: jsonl lines and
+  txt documents or paragraphs (read here, decompressing .gz, .zst, .bz2 and .xz), parquet column
+  values (pyarrow), saved datasets' column values (``datasets``);
 - ``parse_batch`` (pure, picklable) turns them into texts and rejections.
 
 jsonl and txt are read as latin-1 (every byte is one character) so that invalid UTF-8 reaches
@@ -14,20 +15,24 @@ jsonl and txt are read as latin-1 (every byte is one character) so that invalid 
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import io
 import json
+import lzma
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from midtrain.errors import DataError
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
-TEXT_SUFFIXES = (".txt",)
-PARQUET_SUFFIXES = (".parquet",)
-SUPPORTED = "jsonl, json, jsonl.gz, json.gz, parquet, txt or a saved HF dataset"
+TEXT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")  # of jsonl and txt files
+SUPPORTED = "jsonl, json or txt (each also as .gz, .zst, .bz2, .xz), parquet or a saved HF dataset"
 
 # Why a record was rejected -> what the user is told ({field} is the text field's name).
 REASONS = {
@@ -44,6 +49,7 @@ REASONS = {
 # The blank-line test on latin-1 text: str.strip() would also remove \x85 and \xa0 (bytes that
 # are not UTF-8 on their own, and must be reported as such).
 _BLANK = " \t\r\n"
+_BOM = "\xef\xbb\xbf"  # a UTF-8 byte order mark, read as latin-1
 BATCH_CHARS = 8 << 20  # default cap on the text in one batch (besides batch_size records)
 
 
@@ -102,7 +108,40 @@ def describe(reason: str, text_field: str = "text") -> str:
 # --- finding inputs -----------------------------------------------------------------------------
 
 
-def expand_inputs(inputs: list[str], rejections: Rejections | None = None) -> list[Source]:
+@dataclass
+class Inputs:
+    """The sources to read, and what the inputs held that is not read."""
+
+    sources: list[Source] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # files of directories and globs: not corpus
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, kept): one file
+
+    def skipped_stats(self) -> dict[str, Any]:
+        """For stats.json: how many files were skipped, by extension, and the first few."""
+        counts = Counter(map(_extension, self.skipped))
+        return {
+            "count": len(self.skipped),
+            "by_extension": dict(sorted(counts.items())),
+            "first": self.skipped[:10],
+        }
+
+    def skipped_note(self) -> str:
+        counts = ", ".join(
+            f"{ext}: {n:,}" for ext, n in self.skipped_stats()["by_extension"].items()
+        )
+        shown = ", ".join(self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
+        return f"warning: skipped {len(self.skipped):,} file(s) of other types ({counts}): {shown}"
+
+    def duplicates_note(self) -> str:
+        dropped, kept = self.duplicates[0]
+        more = f", and {len(self.duplicates) - 1:,} more" if len(self.duplicates) > 1 else ""
+        return (
+            f"read once: {len(self.duplicates):,} input(s) were a file already read "
+            f"({dropped} is {kept}{more})"
+        )
+
+
+def expand_inputs(inputs: list[str], rejections: Rejections | None = None) -> Inputs:
     """Files, directories and globs -> the sources to read, in a stable order, without duplicates.
 
     Every input is checked before anything is read. A path that exists is taken as it is, even
@@ -111,41 +150,49 @@ def expand_inputs(inputs: list[str], rejections: Rejections | None = None) -> li
     ``rejections``); a glob that matches nothing, an unsupported file or a directory without any
     corpus file is a DataError naming it, as is a list where no input exists at all. Directories
     and globs skip ``*.stats.json`` (midtrain's own metadata, e.g. of a prefix written into an
-    input directory).
+    input directory) and list the other files they cannot read in ``skipped``. A file reached
+    twice (listed twice, or through a symbolic link) is read once, under its first name.
     """
     if not inputs:
         raise DataError("no input given")
-    sources: list[Source] = []
+    found = Inputs()
+    kept: dict[str, Source] = {}  # real path -> the source read from it
     for given in inputs:
         path = os.path.abspath(os.path.expanduser(given))
         if os.path.exists(path):
-            found = _sources_at(path, given)
+            sources = _sources_at(path, given, found.skipped)
         elif glob.has_magic(given):  # the user's text, not the current directory's name
-            found = _glob_sources(given)
+            sources = _glob_sources(given, found.skipped)
         elif rejections is not None:
             rejections.add("missing_file", given)  # raises in strict mode
             continue
         else:
             raise DataError(f"{given}: no such file or directory")
-        if not found:
+        if not sources:
             raise DataError(f"{given}: holds no corpus file ({SUPPORTED})")
-        sources.extend(found)
-    if not sources:
+        for source in sources:
+            first = kept.setdefault(os.path.realpath(source.path), source)
+            if first is source:
+                found.sources.append(source)
+            else:
+                found.duplicates.append((source.path, first.path))
+    if not found.sources:
         raise DataError(f"none of the inputs exists: {', '.join(inputs)}")
-    return list(dict.fromkeys(sources))  # each file once, where it first appears
+    return found
 
 
-def _glob_sources(given: str) -> list[Source]:
+def _glob_sources(given: str, skipped: list[str]) -> list[Source]:
     matches = sorted(glob.glob(_absolute_pattern(given), recursive=True))
     if not matches:
         raise DataError(f"{given}: the pattern matches no file")
     # like a directory walk, a pattern takes the corpus files among what it matches
-    return [
-        s
-        for m in map(os.path.abspath, matches)
-        if os.path.isdir(m) or (file_kind(m) is not None and not is_metadata(m))
-        for s in _sources_at(m, given)
-    ]
+    sources = []
+    for match in map(os.path.abspath, matches):
+        if os.path.isdir(match) or (file_kind(match) is not None and not is_metadata(match)):
+            sources += _sources_at(match, given, skipped)
+        elif _reportable(match):
+            skipped.append(match)
+    return sources
 
 
 def _absolute_pattern(given: str) -> str:
@@ -164,20 +211,31 @@ def is_metadata(path: str) -> bool:
     return path.lower().endswith(".stats.json")
 
 
-def _sources_at(path: str, given: str) -> list[Source]:
+def _reportable(path: str) -> bool:
+    """A file a walk does not read and should say so: not ``PREFIX.stats.json`` nor the
+    ``PREFIX.bin/.idx`` (and ``PREFIX.holdout.*``) beside it, midtrain's own output."""
+    if is_metadata(path):
+        return False
+    base, ext = os.path.splitext(path)
+    if ext.lower() not in (".bin", ".idx"):
+        return True
+    return not os.path.isfile(f"{base.removesuffix('.holdout')}.stats.json")
+
+
+def _sources_at(path: str, given: str, skipped: list[str]) -> list[Source]:
     if os.path.isdir(path):
         if is_saved_dataset(path):
             return [Source(path, "saved")]
-        return _walk(path)
+        return _walk(path, skipped)
     kind = file_kind(path)
     if kind is None:
         raise DataError(f"{given}: unsupported file type (expected {SUPPORTED})")
     return [Source(path, kind)]
 
 
-def _walk(root: str) -> list[Source]:
+def _walk(root: str, skipped: list[str]) -> list[Source]:
     """Corpus files under ``root``, sorted; follows symbolic links to directories (as a glob
-    does), each real directory once, so a link loop ends."""
+    does), each real directory once, so a link loop ends. Other files go to ``skipped``."""
     found = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -191,24 +249,32 @@ def _walk(root: str) -> list[Source]:
         for d in saved:
             dirnames.remove(d)
         entries = [(d, "saved") for d in saved]
-        entries += [
-            (f, file_kind(f)) for f in filenames if not f.startswith(".") and not is_metadata(f)
-        ]
+        entries += [(f, file_kind(f)) for f in filenames if not f.startswith(".")]
         for name, kind in sorted(entries):
-            if kind is not None:
-                found.append(Source(os.path.join(dirpath, name), kind))
+            path = os.path.join(dirpath, name)
+            if kind is not None and not is_metadata(name):
+                found.append(Source(path, kind))
+            elif kind is None and _reportable(path):
+                skipped.append(path)
     return found
 
 
 def file_kind(path: str) -> str | None:
-    name = path.lower()
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(TEXT_SUFFIXES):
-        return "txt"
-    if name.endswith(PARQUET_SUFFIXES):
+    """How a file is read, by its name (``jsonl``, ``txt``, ``parquet``); None: not a corpus file."""
+    stem, ext = os.path.splitext(path.lower())
+    if ext == ".parquet":
         return "parquet"
-    return None
+    if ext in COMPRESSIONS:
+        ext = os.path.splitext(stem)[1]
+    return TEXT_KINDS.get(ext)
+
+
+def _extension(path: str) -> str:
+    """``.zst``, or ``.tar.gz`` for a compressed file: how skipped files are counted."""
+    stem, ext = os.path.splitext(os.path.basename(path).lower())
+    if ext in COMPRESSIONS:
+        ext = os.path.splitext(stem)[1] + ext
+    return ext or "no extension"
 
 
 def is_saved_dataset(path: str) -> bool:
@@ -249,15 +315,12 @@ def read_raw(
     text_field: str = "text",
     paragraphs: bool = False,
     batch_size: int = 1000,
-    cache_dir: str | Path | None = None,
     max_chars: int = BATCH_CHARS,
 ) -> Iterator[RawBatch]:
     """Stream a source's raw records in batches of at most ``batch_size`` records and about
     ``max_chars`` characters, with the line (or row) where each record starts."""
     try:
-        yield from _read_raw(
-            source, text_field, paragraphs, Batching(batch_size, max_chars), cache_dir
-        )
+        yield from _read_raw(source, text_field, paragraphs, Batching(batch_size, max_chars))
     except (DataError, GeneratorExit):
         raise
     except Exception as exc:  # a damaged file fails deep inside pyarrow, gzip or datasets
@@ -271,47 +334,54 @@ class Batching:
 
 
 def _read_raw(
-    source: Source,
-    text_field: str,
-    paragraphs: bool,
-    batching: Batching,
-    cache_dir: str | Path | None,
+    source: Source, text_field: str, paragraphs: bool, batching: Batching
 ) -> Iterator[RawBatch]:
     if source.kind == "saved":
         yield from _read_saved(source, text_field, batching)
         return
     if os.path.getsize(source.path) == 0:
-        return  # datasets cannot stream an empty parquet file; an empty file has no records
-    from datasets import load_dataset
-
-    cache = None if cache_dir is None else str(cache_dir)
-    # datasets globs data_files: a name with [ or * would silently match nothing
-    data_files = [glob.escape(source.path)]
+        return  # an empty file has no records (and is not a valid parquet or compressed file)
     if source.kind == "parquet":
-        if _parquet_rows(source.path) == 0:
-            return  # nor one without rows ("BatchSize must be greater than 0")
-        ds = load_dataset(
-            "parquet", data_files=data_files, split="train", streaming=True, cache_dir=cache
-        )
-        yield from _read_columnar(ds, source.path, text_field, batching)
+        yield from _read_parquet(source.path, text_field, batching)
         return
-    sample_by = "document" if source.kind == "txt" and not paragraphs else "line"
-    ds = load_dataset(
-        "text",
-        data_files=data_files,
-        split="train",
-        streaming=True,
-        cache_dir=cache,
-        encoding="latin-1",
-        sample_by=sample_by,
-        keep_linebreaks=source.kind == "txt",
-    )
-    lines = (line for batch in ds.iter(batch_size=batching.records) for line in batch["text"])
-    if source.kind == "txt" and paragraphs:
-        records: Iterator[tuple[str, int]] = _paragraphs(lines)
+    with _open_text(source.path) as f:
+        if source.kind == "txt" and not paragraphs:
+            records: Iterator[tuple[str, int]] = iter([(f.read().removeprefix(_BOM), 1)])
+        elif source.kind == "txt":
+            records = _paragraphs(_lines(f, keep_ends=True))
+        else:
+            records = ((line, i) for i, line in enumerate(_lines(f, keep_ends=False), start=1))
+        yield from _batched(records, source.kind, source.path, batching)
+
+
+def _open_text(path: str) -> IO[str]:
+    """A jsonl or txt file, decompressed by its suffix, as latin-1 text with universal newlines
+    (LF, CRLF and CR end a line, as editors count them; each becomes LF)."""
+    ext = os.path.splitext(path.lower())[1]
+    raw: IO[bytes]
+    if ext == ".zst":
+        import zstandard
+
+        # across frames: concatenated .zst files are one stream; 2 GiB windows: `zstd --long=31`
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+            open(path, "rb"),  # noqa: SIM115 - closed with the reader (closefd)
+            read_across_frames=True,
+            closefd=True,
+        )
+        raw = io.BufferedReader(reader)
     else:
-        records = ((line, i) for i, line in enumerate(lines, start=1))
-    yield from _batched(records, source.kind, source.path, batching)
+        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(ext, open)
+        raw = opener(path, "rb")  # closed with the text wrapper
+    return io.TextIOWrapper(raw, encoding="latin-1", newline=None)
+
+
+def _lines(f: IO[str], keep_ends: bool) -> Iterator[str]:
+    """A file's lines; a UTF-8 byte order mark before the first (Windows editors write one) is
+    not part of it."""
+    for number, line in enumerate(f):
+        if number == 0:
+            line = line.removeprefix(_BOM)
+        yield line if keep_ends or not line.endswith("\n") else line[:-1]
 
 
 def _paragraphs(lines: Iterator[str]) -> Iterator[tuple[str, int]]:
@@ -355,10 +425,19 @@ def _batched(
         yield batch
 
 
-def _parquet_rows(path: str) -> int:
+def _read_parquet(path: str, text_field: str, batching: Batching) -> Iterator[RawBatch]:
+    """A parquet file's rows, one row group at a time, reading only the text column."""
     import pyarrow.parquet as pq
 
-    return int(pq.read_metadata(path).num_rows)
+    with pq.ParquetFile(path) as pf:
+        if text_field not in pf.schema_arrow.names:
+            rows = ((None, row) for row in range(1, pf.metadata.num_rows + 1))
+            yield from _batched(rows, "columnar", path, batching, missing_field=True)
+            return
+        batches = pf.iter_batches(batch_size=batching.records, columns=[text_field])
+        values = (v for batch in batches for v in batch.column(0).to_pylist())
+        records = ((v, row) for row, v in enumerate(values, start=1))
+        yield from _batched(records, "columnar", path, batching)
 
 
 def _read_columnar(ds: Any, where: str, text_field: str, batching: Batching) -> Iterator[RawBatch]:
@@ -506,12 +585,11 @@ def iter_texts(
     text_field: str = "text",
     paragraphs: bool = False,
     batch_size: int = 1000,
-    cache_dir: str | Path | None = None,
 ) -> Iterator[str]:
     """Every document's text, in order; bad records and empty files go to ``rejections``."""
     for source in sources:
         seen = 0
-        for raw in read_raw(source, text_field, paragraphs, batch_size, cache_dir):
+        for raw in read_raw(source, text_field, paragraphs, batch_size):
             parsed = parse_batch(raw, text_field)
             for reason, line in parsed.rejects:
                 rejections.add(reason, f"{raw.where}:{line}")
@@ -519,3 +597,14 @@ def iter_texts(
             yield from parsed.texts
         if seen == 0:
             rejections.add("empty_file", source.path)
+
+
+def nothing_left(inputs: list[str], rejections: Rejections) -> str:
+    """Why the inputs gave no document at all: every rejection reason, with its first place."""
+    if not rejections.total:
+        return f"no documents in {', '.join(inputs)}"
+    reasons = [
+        f"{n:,} {describe(r, rejections.text_field)} (first at {rejections.examples[r]})"
+        for r, n in rejections.counts.items()
+    ]
+    return f"no documents: every record was rejected: {', '.join(reasons)}"

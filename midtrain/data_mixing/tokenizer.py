@@ -17,6 +17,7 @@ from midtrain.data_mixing.readers import (
     expand_inputs,
     iter_texts,
     make_dir,
+    nothing_left,
 )
 from midtrain.errors import ConfigError, DataError
 from midtrain.fileio import fsync_dir
@@ -66,7 +67,8 @@ def train_tokenizer(
             f"vocab size {vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB} "
             f"(256 byte symbols + {EOT})"
         )
-    sources = expand_inputs(inputs)
+    found = expand_inputs(inputs)
+    sources = found.sources
     output = Path(output).absolute()
     _check_replaceable(output)  # before the training, not after it
     make_dir(output.parent, output)
@@ -76,10 +78,7 @@ def train_tokenizer(
     except OSError as exc:
         raise DataError(f"{output}: cannot write in {output.parent} ({exc.strerror})") from None
     try:
-        texts = iter_texts(
-            sources, rejections, text_field, paragraphs, cache_dir=work / "datasets-cache"
-        )
-        counted = _Counted(texts)
+        counted = _Counted(iter_texts(sources, rejections, text_field, paragraphs))
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -90,10 +89,12 @@ def train_tokenizer(
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
+        if found.skipped:
+            console.console.print(found.skipped_note(), markup=False)
         console.info(f"training a {vocab_size:,}-token byte-level BPE on {len(sources)} input(s)")
         tok.train_from_iterator(counted, trainer)
         if counted.documents == 0:
-            raise DataError(f"no documents to train on in {', '.join(inputs)}")
+            raise DataError(nothing_left(inputs, rejections))
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=EOT, pad_token=EOT
         )
@@ -103,6 +104,8 @@ def train_tokenizer(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _report_rejections(rejections, text_field)
+    if found.duplicates:
+        console.console.print(found.duplicates_note(), markup=False)
     console.info(
         f"trained a {len(fast):,}-token byte-level BPE on {counted.documents:,} documents "
         f"-> {output}"
