@@ -817,7 +817,9 @@ def jobs(
 
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_submitted_job_runs_to_the_end(jobs: dict, slurm: SlurmCluster) -> None:
+def test_submitted_job_runs_to_the_end(
+    jobs: dict, slurm: SlurmCluster, tmp_path: Path, prepared_corpora: dict[str, Path]
+) -> None:
     job_id, run_dir = jobs["complete"]
     wait_until(lambda: not in_queue(job_id), "the job to end", slurm, run_dir, JOB_TIMEOUT)
     log = job_log(run_dir)
@@ -838,6 +840,20 @@ def test_submitted_job_runs_to_the_end(jobs: dict, slurm: SlurmCluster) -> None:
     listed = midtrain("jobs", "status")
     assert listed.returncode == 0, listed.stderr
     assert re.search(rf"^{queued_id}\t.*\t{re.escape(str(queued_dir))}$", listed.stdout, re.M)
+
+    # Branching from its checkpoint: a submission checks the start's files by size, and leaves
+    # hashing them to the job (not on a login node): a changed byte passes here, a cut file not.
+    start = tmp_path / "start"
+    shutil.copytree(list_checkpoints(run_dir)[-1].path, start)
+    weights = max(start.rglob("*.safetensors"), key=lambda f: f.stat().st_size)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    branch = run_spec(tmp_path, prepared_corpora, "branch", init_from={"checkpoint": str(start)})
+    assert f"checkpoint: {start}" in render_job(str(branch), [], SlurmOptions()).spec_yaml
+    weights.write_bytes(bytes(data[:-1]))
+    with pytest.raises(MidtrainError, match=re.escape(str(weights))):
+        render_job(str(branch), [], SlurmOptions())
 
 
 @pytest.mark.slow
