@@ -105,11 +105,17 @@ def agree_on_start(spec: RunSpec, rank: int) -> tuple[StartPoint, ExclusiveLock 
     every file of that checkpoint; the others load the checkpoint it picked, checking sizes only
     (each reading ``latest`` itself could pick another step, if a save lands in between).
     """
-    lock = take_saver_lock(spec.run_dir) if rank == 0 else None
-    own = latest_checkpoint(spec.run_dir) if rank == 0 else None
-    start = start_from(spec, own, verify=True) if rank == 0 else None
+    lock: ExclusiveLock | None = None
+    own: Path | None = None
+    start: StartPoint | None = None
+    if rank == 0:
+        lock = take_saver_lock(spec.run_dir)
+        own = latest_checkpoint(spec.run_dir)
+        start = start_from(spec, own, verify=True)
     own = broadcast_path(own)
-    return (start if start is not None else start_from(spec, own, verify=False)), lock
+    if start is None:
+        start = start_from(spec, own, verify=False)
+    return start, lock
 
 
 def broadcast_path(path: Path | None, src: int = 0) -> Path | None:
@@ -122,8 +128,9 @@ def broadcast_path(path: Path | None, src: int = 0) -> Path | None:
     dist.broadcast(size, src)
     if size.item() < 0:
         return None
-    buffer = torch.tensor(list(data), dtype=torch.uint8, device=device)
-    if dist.get_rank() != src:
+    if dist.get_rank() == src:
+        buffer = torch.tensor(list(data), dtype=torch.uint8, device=device)
+    else:
         buffer = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
     dist.broadcast(buffer, src)
     return Path(os.fsdecode(bytes(buffer.tolist())))
